@@ -1,0 +1,118 @@
+"""Transformer pieces shared by the CLIP towers and the timm/AugReg ViT.
+
+Parameter names are generic (`ln_1`, `attn/qkv`, `attn/out`, `ln_2`, `mlp/fc1`,
+`mlp/fc2`); the weight loaders map each reference layout onto them. q, k and v
+are one fused Dense, as in both torch references (`in_proj_weight`, `qkv`), so a
+checkpoint maps with a single transpose.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU()
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (torch layout order q, k, v)."""
+  heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    b, n, width = x.shape
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+    hd = width // self.heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, hd), 3, axis=2)
+    q, k, v = (t[:, :, 0] for t in (q, k, v))  # (b, n, heads, hd)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k)
+    if mask is not None:  # additive mask, broadcastable to (b, h, q, k)
+      logits = logits + mask
+    # Softmax in float32 even under bf16 compute: it is where precision is lost.
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, width)
+    return nn.Dense(width, dtype=self.dtype, name="out")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    x = activation(self.act)(x)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-LN residual block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+  heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    # LayerNorm statistics in float32 (OpenAI's LayerNorm subclass does the same).
+    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=jnp.float32, name=name)
+    x = x + SelfAttention(self.heads, dtype=self.dtype, name="attn")(
+        ln("ln_1")(x).astype(self.dtype), mask)
+    x = x + Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(
+        ln("ln_2")(x).astype(self.dtype))
+    return x
+
+
+def causal_mask(n: int) -> jax.Array:
+  """Additive causal mask (0 on and below the diagonal, -inf above), as CLIP's text tower."""
+  return jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf)
+
+
+def resize_grid_embedding(pe: jax.Array, old_grid: tuple[int, int],
+                          new_grid: tuple[int, int], num_prefix: int = 1) -> jax.Array:
+  """Resize a (prefix + h*w, C) position embedding to a new (h', w') grid.
+
+  The prefix rows (class token, or the RN50 attention pool's mean token) are kept
+  as they are. The grid is resized bilinearly with half-pixel centres and **no
+  antialiasing**, which is torch's `F.interpolate(mode='bilinear',
+  align_corners=False)` (CLIP-ReID's `resize_pos_embed`, timm's
+  `resample_abs_pos_embed`). `jax.image.resize` antialiases by default when
+  downsampling, which would not match.
+  """
+  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  if old_grid == new_grid:
+    return pe
+  prefix, grid = pe[:num_prefix], pe[num_prefix:]
+  if grid.shape[0] != old_grid[0] * old_grid[1]:
+    raise ValueError(f"position embedding has {grid.shape[0]} grid rows, "
+                     f"expected {old_grid[0]}x{old_grid[1]}")
+  c = grid.shape[-1]
+  grid = grid.reshape(*old_grid, c).astype(jnp.float32)
+  grid = jax.image.resize(grid, (*new_grid, c), method="bilinear", antialias=False)
+  return jnp.concatenate([prefix, grid.reshape(-1, c).astype(pe.dtype)], axis=0)
