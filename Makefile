@@ -1,0 +1,36 @@
+# The two commands of the README:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: run test setup setup-test bench clean
+
+run: setup
+	$(PY) launch.py $(ARGS)
+
+test: setup-test
+	$(PY) -m pytest -q tests
+
+setup: $(VENV)/.run-deps
+
+setup-test: $(VENV)/.test-deps
+
+$(VENV)/.run-deps: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m jaxprompt.tokenizer --fetch-vocab
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.run-deps requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+bench: setup-test
+	$(PY) benchmarks/bench_reid_eval.py
+	$(PY) benchmarks/bench_sharding.py
+
+clean:
+	rm -rf $(VENV) .jax_cache workdir

@@ -1,0 +1,1 @@
+"""Weight conversion: reference checkpoints -> arrays the Flax towers load."""
