@@ -16,15 +16,16 @@ from jaxprompt.convert import io
 
 
 def detect_family(arrays: dict) -> str:
-  """'clip' for OpenAI/open_clip layouts, 'vit' for timm/AugReg ViTs."""
+  """'clip' for OpenAI/open_clip layouts, 'vit' for timm/AugReg/big_vision ViTs."""
   if any(k.startswith("visual.") for k in arrays) and "token_embedding.weight" in arrays:
     return "clip"
-  if "cls_token" in arrays or "cls" in arrays or "embedding/kernel" in arrays:
-    return "vit"
-  raise ValueError("unrecognised checkpoint layout: expected OpenAI/open_clip CLIP "
-                   "(visual.*, token_embedding.weight) or a timm/AugReg ViT "
-                   "(cls_token / cls, patch_embed / embedding); first names: "
-                   + ", ".join(sorted(arrays)[:8]))
+  from jaxprompt.convert import timm_vit  # pylint: disable=import-outside-toplevel
+  try:
+    timm_vit.detect_layout(arrays)
+  except io.WeightMismatchError as e:
+    raise ValueError("unrecognised checkpoint layout: expected OpenAI/open_clip CLIP "
+                     f"(visual.*, token_embedding.weight) or a ViT. {e}") from None
+  return "vit"
 
 
 def validate(arrays: dict, family: str) -> None:
