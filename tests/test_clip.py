@@ -281,10 +281,13 @@ def test_rn_train_mode_batch_statistics(rn):
   stats = updated["batch_stats"]["img"]
   _close(stats["bn1"]["mean"], visual.bn1.running_mean)
   _close(stats["layer4_0"]["bn3"]["mean"], visual.layer4[0].bn3.running_mean)
-  # torch updates running_var with the unbiased batch variance, flax with the biased
-  # one: they differ by 0.1 * var / (n - 1), n = batch * H * W (here n = 4 * 2 * 2).
-  np.testing.assert_allclose(stats["layer4_0"]["bn3"]["var"],
-                             visual.layer4[0].bn3.running_var.numpy(), rtol=0.02)
+  # torch feeds the unbiased batch variance into running_var; so do we. With
+  # n = batch * H * W = 16 here, the biased one would be off by ~0.6%.
+  for name, ref_bn in (("bn1", visual.bn1), ("layer4_0/bn3", visual.layer4[0].bn3)):
+    node = stats
+    for part in name.split("/"):
+      node = node[part]
+    _close(node["var"], ref_bn.running_var)
   # Eval mode does not touch the statistics.
   _, same = _apply(model, variables, x, method="image_features", mutable=("batch_stats",))
   np.testing.assert_array_equal(same["batch_stats"]["img"]["bn1"]["mean"],

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprompt.models import layers
 from jaxprompt.models.layers import Block, causal_mask
 
 Dtype = Any
@@ -202,22 +203,20 @@ class Bottleneck(nn.Module):
       return nn.Conv(features, (k, k), padding=[(k // 2, k // 2)] * 2, use_bias=False,
                      dtype=self.dtype, name=name)
 
-    def bn(name):
-      # torch BatchNorm2d defaults: momentum 0.1 (flax 0.9), eps 1e-5.
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                          dtype=self.dtype, name=name)
+    def bn(name, y):
+      return layers.BatchNorm(dtype=self.dtype, name=name)(y, train)
 
     s = self.stride
-    out = nn.relu(bn("bn1")(conv(self.planes, 1, "conv1")(x)))
-    out = nn.relu(bn("bn2")(conv(self.planes, 3, "conv2")(out)))
+    out = nn.relu(bn("bn1", conv(self.planes, 1, "conv1")(x)))
+    out = nn.relu(bn("bn2", conv(self.planes, 3, "conv2")(out)))
     if s > 1:
       out = nn.avg_pool(out, (s, s), strides=(s, s))
-    out = bn("bn3")(conv(4 * self.planes, 1, "conv3")(out))
+    out = bn("bn3", conv(4 * self.planes, 1, "conv3")(out))
     identity = x
     if s > 1 or x.shape[-1] != 4 * self.planes:
       if s > 1:
         identity = nn.avg_pool(identity, (s, s), strides=(s, s))
-      identity = bn("downsample_bn")(conv(4 * self.planes, 1, "downsample_conv")(identity))
+      identity = bn("downsample_bn", conv(4 * self.planes, 1, "downsample_conv")(identity))
     return nn.relu(out + identity)
 
 
@@ -277,8 +276,7 @@ class ModifiedResNet(nn.Module):
     for i, (features, stride) in enumerate(stem, start=1):
       x = nn.Conv(features, (3, 3), strides=(stride, stride), padding=[(1, 1), (1, 1)],
                   use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       dtype=self.dtype, name=f"bn{i}")(x)
+      x = layers.BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train)
       x = nn.relu(x)
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
 

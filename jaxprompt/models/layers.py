@@ -116,3 +116,45 @@ def resize_grid_embedding(pe: jax.Array, old_grid: tuple[int, int],
   grid = grid.reshape(*old_grid, c).astype(jnp.float32)
   grid = jax.image.resize(grid, (*new_grid, c), method="bilinear", antialias=False)
   return jnp.concatenate([prefix, grid.reshape(-1, c).astype(pe.dtype)], axis=0)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with torch's semantics, including its running-variance update.
+
+  Flax's `nn.BatchNorm` feeds the *biased* batch variance into the running
+  average; torch feeds the unbiased one (n / (n - 1)), which matters for the
+  1-D BNNecks where n is only the batch size. `momentum` is torch's (weight of
+  the new batch, 0.1), not Flax's decay. Parameter and statistic names
+  (`scale`, `bias`, `mean`, `var`) are Flax's, so loaders and tests see the
+  usual tree. Under jit with a data-sharded batch the reductions are global,
+  i.e. single-device statistics.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  use_bias: bool = True
+  use_scale: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = xf.mean(axes)
+      var = jnp.square(xf - mean).mean(axes)
+      n = xf.size // c
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      y = y * self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(self.dtype)
