@@ -1,0 +1,4 @@
+"""Data loading: the generic deterministic loader; readers and samplers build on it."""
+from jaxprompt.data.loader import Loader, SequentialSampler, ShuffleSampler, collate, sample_rng
+
+__all__ = ["Loader", "SequentialSampler", "ShuffleSampler", "collate", "sample_rng"]

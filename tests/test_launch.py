@@ -1,0 +1,108 @@
+"""launch.py end to end in subprocesses: overrides, SIGTERM, SIGKILL + resume."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxprompt import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "toy_pipeline.py")
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+# Log every step (the kill test watches the metrics) and checkpoint every 3 steps.
+FAST = ["--config.stage1.log_every_steps=1", "--config.stage2.log_every_steps=1",
+        "--config.stage1.ckpt_every_steps=3", "--config.stage2.ckpt_every_steps=3"]
+
+
+def _launch(workdir, *args, **kw):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={CONFIG}",
+                           f"--workdir={workdir}", *args], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finish(p, timeout=180):
+  out, err = p.communicate(timeout=timeout)
+  return p.returncode, out, err
+
+
+def _steps_logged(workdir) -> int:
+  n = 0
+  for stage in ("stage1", "stage2"):
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        n += sum(1 for line in f if line.endswith("\n"))
+  return n
+
+
+def _wait_for_steps(p, workdir, n, timeout=120):
+  t0 = time.time()
+  while _steps_logged(workdir) < n:
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    assert time.time() - t0 < timeout, "run did not reach the step in time"
+    time.sleep(0.005)
+
+
+def test_unknown_override_is_an_error(tmp_path):
+  rc, out, err = _finish(_launch(tmp_path, "--config.nonexistent=1"))
+  assert rc != 0
+  assert "nonexistent" in err
+  assert not os.path.exists(tmp_path / "stage1")
+
+
+def test_list_configs():
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--list_configs"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert re.search(r"configs/default\.py\s+\S", p.stdout)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path)
+  p = _launch(workdir, "--config.data.delay_s=0.02", *FAST)
+  _wait_for_steps(p, workdir, 2)
+  p.send_signal(signal.SIGTERM)
+  rc, out, err = _finish(p)
+  assert rc == 0, err[-3000:]
+  m = re.search(r"SIGTERM: saved checkpoint at step (\d+) of stage 'stage1'", err)
+  assert m, err[-3000:]
+  step = int(m.group(1))
+  ck = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir, "stage1"), async_save=False)
+  assert ck.latest_step() == step and not ck.read_meta(step)["final"]
+  ck.close()
+  assert not os.path.exists(os.path.join(workdir, "stage2"))
+
+
+def _final_trees(workdir):
+  return {s: jax.tree.leaves(ckpt_lib.read_final(workdir, s)[0]) for s in ("stage1", "stage2")}
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+  ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+  rc, _, err = _finish(_launch(ref_dir, *FAST))
+  assert rc == 0, err[-3000:]
+  # 40 steps over two stages; kill at a seeded random point of either stage.
+  kill_at = int(np.random.default_rng(1234).integers(2, 38))
+  p = _launch(run_dir, "--config.data.delay_s=0.004", *FAST)
+  _wait_for_steps(p, run_dir, kill_at)
+  p.kill()
+  p.communicate()
+  assert p.returncode == -signal.SIGKILL
+  rc, _, err = _finish(_launch(run_dir, *FAST))
+  assert rc == 0, err[-3000:]
+  assert "resumed from checkpoint" in err
+  ref, run = _final_trees(ref_dir), _final_trees(run_dir)
+  for stage in ref:
+    assert len(ref[stage]) == len(run[stage])
+    for a, b in zip(ref[stage], run[stage]):
+      np.testing.assert_array_equal(a, b, err_msg=f"{stage} differs after kill at {kill_at}")
