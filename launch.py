@@ -1,5 +1,6 @@
 """The one entry point: run a config's pipeline (all stages, or one with --stage).
 
+  python launch.py                      # configs/default.py into workdir/default
   python launch.py --config configs/<name>.py --workdir /path/to/run
   python launch.py --config configs/<name>.py:arg --config.stage1.total_steps=100 --stage stage2
   python launch.py --list_configs
@@ -26,7 +27,8 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(CONFIG_DIR, "default.py"),
     "Config file (optionally `path.py:arg`); override fields with --config.a.b=value.",
     lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (required).")
+flags.DEFINE_string("workdir", None,
+                    "Where checkpoints, metrics and logs go (default: workdir/<config name>).")
 flags.DEFINE_string("stage", None, "Run or resume only this stage of the pipeline.")
 flags.DEFINE_bool("list_configs", False, "List the configs in configs/ and exit.")
 flags.DEFINE_bool("distributed", False,
@@ -52,6 +54,14 @@ def list_configs() -> str:
   return "\n".join(lines)
 
 
+def default_workdir() -> str:
+  """workdir/<config file name>[_<arg>] under the repository root."""
+  spec = config_flags.get_config_filename(FLAGS["config"])
+  path, _, arg = spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg else "")
+  return os.path.join(ROOT, "workdir", name)
+
+
 def init_distributed() -> None:
   import jax
   if FLAGS.coordinator_address or FLAGS.num_processes:
@@ -74,8 +84,6 @@ def main(argv) -> None:
   if FLAGS.list_configs:
     print(list_configs())
     return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
   init_distributed()
 
   import jax
@@ -84,7 +92,7 @@ def main(argv) -> None:
   config = FLAGS.config
   if "pipeline" not in config:
     raise app.UsageError("the config has no `pipeline` field")
-  workdir = os.path.abspath(FLAGS.workdir)
+  workdir = os.path.abspath(FLAGS.workdir or default_workdir())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
