@@ -1,0 +1,102 @@
+"""LPT (ICLR 2023) driver: phase 1 (shared prompts), phase 2 (group prompts), eval.
+
+  python launch.py --config configs/<lpt row>.py --workdir RUN            # all stages
+  python launch.py --config ... --workdir RUN --stage phase2               # one stage
+  python launch.py --config ... --workdir RUN --stage eval \\
+      --config.eval.predict_dir=/path/to/images                            # + predictions
+
+Stages (each resumes from its own checkpoints; lpt.md 2-5):
+
+1. phase1: shared deep prompts (L, T, D) in every block + cosine head, on the frozen
+   tower; A-GCL on a class-aware and an instance-balanced batch per step
+   (L = L_CB + w_e L_IB), SGD 0.9, coupled wd 0.01, lr 0.02 @ 256, per-epoch cosine
+   with one warm-up epoch at 1e-6.
+2. phase2: group prompts (P, G, T, D) + keys (P, D) + head (initialised from phase
+   1); shared prompts and tower frozen. The query is the frozen phase-1 class
+   token; top-2 keys by cosine, mean of their group prompts beside the shared
+   prompt in the last G blocks; L = [A-GCL_CB - 0.5 rs_CB] + w_e [A-GCL_IB - 0.5 rs_IB].
+3. eval: overall / many / medium / few accuracy of each stage in `eval.stages`,
+   per-class and bucket plots, `eval/<stage>/results.json`; class ids for the
+   images of `eval.predict_dir`.
+
+`paper_config(dataset, method)` builds the reference recipe (see cls_common).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from jaxprompt.models import lpt as lpt_model
+from jaxprompt.optim import FREEZE, Rule
+from jaxprompt.pipelines import cls_common
+from jaxprompt.pipelines.cls_common import base_config, paper_config  # noqa: F401 (re-export)
+
+STAGES = ("phase1", "phase2", "eval")
+
+PHASE1_RULES = [("prompt/shared", Rule()), ("head/.*", Rule()), (".*", FREEZE)]
+PHASE2_RULES = [("prompt/group", Rule()), ("prompt/keys", Rule()), ("head/.*", Rule()),
+                (".*", FREEZE)]
+
+
+def get_config(arg: Optional[str] = None):
+  """`launch.py --config jaxprompt/pipelines/lpt.py:places_lt` (or 'cifar100_lt:100', ...)."""
+  return paper_config(arg or "places_lt", "lpt")
+
+
+def phase1_forward(setup: cls_common.Setup):
+  spec = setup.spec
+
+  def forward(params, images, rng):
+    return {"logits": lpt_model.classifier_forward(setup.vit, params, images, spec, rng=rng)}
+  return forward
+
+
+def phase2_forward(setup: cls_common.Setup):
+  spec = setup.spec
+
+  def forward(params, images, rng):
+    # Fused: blocks before the group layers run once for the query and the main pass
+    # (exact: the tower has no dropout and the shared prompt is frozen).
+    return lpt_model.phase2_forward(setup.vit, params, images, spec, rng=rng, fused=True)
+  return forward
+
+
+def run(config, workdir: str, stage: Optional[str] = None) -> dict:
+  """phase1 -> phase2 -> eval; `stage` runs (or resumes) only that one."""
+  if stage is not None and stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; this pipeline has {STAGES}")
+  if config.method != "lpt":
+    raise ValueError(f"pipeline 'lpt' runs method 'lpt', not {config.method!r} (use 'vpt')")
+  setup = cls_common.Setup(config)
+  cls_common.log_counts(workdir, setup.init_params(), setup.spec)
+  results = {}
+
+  # Phase 1: shared prompts + head; everything else frozen (group prompts and keys
+  # exist in the tree but are unused and frozen here).
+  if stage in (None, "phase1"):
+    results["phase1"] = cls_common.train_stage(
+        setup, workdir, "phase1", rules=PHASE1_RULES, forward=phase1_forward(setup),
+        init=lambda rng: (setup.init_params(), {}))
+
+  # Phase 2: group prompts, keys and head (from phase 1); shared prompts and tower frozen.
+  if stage in (None, "phase2"):
+    def init2(rng):
+      del rng
+      return cls_common.params_after(workdir, ["phase1"], setup.init_params()), {}
+
+    results["phase2"] = cls_common.train_stage(
+        setup, workdir, "phase2", rules=PHASE2_RULES, forward=phase2_forward(setup), init=init2,
+        seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1")
+
+  # Eval: each requested finished stage, on the test split.
+  if stage in (None, "eval"):
+    results["eval"] = {}
+    stages = list(config.eval.stages)
+    for i, name in enumerate(stages):
+      chain = ["phase1"] if name == "phase1" else ["phase1", "phase2"]
+      results["eval"][name] = cls_common.eval_stage(
+          setup, workdir, chain, phase=1 if name == "phase1" else 2,
+          predict_images=i == len(stages) - 1)
+  jax.effects_barrier()
+  return results

@@ -1,0 +1,67 @@
+"""VPT-deep, VPT-shallow and linear-probe baselines on the frozen tower: train, eval.
+
+  python launch.py --config configs/<vpt row>.py --workdir RUN               # train + eval
+  python launch.py --config ... --workdir RUN --stage eval --config.eval.predict_dir=DIR
+
+Stages:
+
+1. train: prompts (`prompt/deep` (L, T, D) or `prompt/shallow` (T, D); none for
+   the linear probe) + head on the frozen tower (VPT: trainable = prompts + head).
+   Loss, sampling, head and schedule come from the config (`paper_config`
+   defaults: VPT's own recipe, linear head + CE, instance-balanced batches).
+2. eval: shot accuracies, plots and `eval/train/results.json`; predictions for
+   `eval.predict_dir`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from jaxprompt.models import lpt as lpt_model
+from jaxprompt.optim import FREEZE, Rule
+from jaxprompt.pipelines import cls_common
+from jaxprompt.pipelines.cls_common import base_config, paper_config  # noqa: F401 (re-export)
+
+STAGES = ("train", "eval")
+METHODS = ("vpt_deep", "vpt_shallow", "linear")
+
+# The linear probe has no `prompt` subtree: its first rule then matches nothing.
+TRAIN_RULES = [("prompt/.*", Rule()), ("head/.*", Rule()), (".*", FREEZE)]
+
+
+def get_config(arg: Optional[str] = None):
+  """`launch.py --config jaxprompt/pipelines/vpt.py:places_lt,vpt_deep`."""
+  dataset, _, method = (arg or "places_lt,vpt_deep").partition(",")
+  return paper_config(dataset, method or "vpt_deep")
+
+
+def make_forward(setup: cls_common.Setup):
+  spec = setup.spec
+
+  def forward(params, images, rng):
+    return {"logits": lpt_model.classifier_forward(setup.vit, params, images, spec, rng=rng)}
+  return forward
+
+
+def run(config, workdir: str, stage: Optional[str] = None) -> dict:
+  """train -> eval; `stage` runs (or resumes) only that one."""
+  if stage is not None and stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; this pipeline has {STAGES}")
+  if config.method not in METHODS:
+    raise ValueError(f"pipeline 'vpt' runs {METHODS}, not {config.method!r} (LPT: 'lpt')")
+  setup = cls_common.Setup(config)
+  cls_common.log_counts(workdir, setup.init_params(), setup.spec)
+  results = {}
+
+  # Train: prompts (if any) and head; the tower frozen.
+  if stage in (None, "train"):
+    results["train"] = cls_common.train_stage(
+        setup, workdir, "train", rules=TRAIN_RULES, forward=make_forward(setup),
+        init=lambda rng: (setup.init_params(), {}))
+
+  # Eval on the test split.
+  if stage in (None, "eval"):
+    results["eval"] = {"train": cls_common.eval_stage(setup, workdir, ["train"], phase=1)}
+  jax.effects_barrier()
+  return results
