@@ -1,0 +1,18 @@
+"""LPT on iNaturalist 2018, ViT-B/16 IN-21k.
+
+  python launch.py --config configs/lpt/inat2018_lpt.py \
+      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.data.root=data/inat2018 \
+      --workdir runs/inat2018_lpt
+
+Paper (overall / few): 76.1 / 79.3 (ViT-B/16 baseline 73.2). iNat is not in the reference
+repo; its defaults are used.
+
+Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
+`python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
+"""
+from jaxprompt.pipelines import lpt
+
+
+def get_config():
+  return lpt.paper_config("inat2018", "lpt")

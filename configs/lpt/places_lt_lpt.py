@@ -1,0 +1,19 @@
+"""LPT on Places-LT, ViT-B/16 IN-21k (phase 1 then phase 2).
+
+  python launch.py --config configs/lpt/places_lt_lpt.py \
+      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
+      --workdir runs/places_lt_lpt
+
+Paper (Table 8 row d; overall / many / medium / few): 50.07 / 49.27 / 52.31 / 46.88,
+1.01M tuned parameters. The phase-1 evaluation of the same run is row (c):
+49.41 / 46.89 / 52.54 / 47.32.
+
+Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
+`python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
+"""
+from jaxprompt.pipelines import lpt
+
+
+def get_config():
+  return lpt.paper_config("places_lt", "lpt")
