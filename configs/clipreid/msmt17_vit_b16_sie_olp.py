@@ -1,0 +1,20 @@
+"""MSMT17 (V1, train+val), ViT-B/16: CLIP-ReID + SIE + OLP (camera SIE on the class token, coefficient 1.0, overlapping patches with stride 12).
+
+  python launch.py --config configs/clipreid/msmt17_vit_b16_sie_olp.py \
+      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.data.root=data/msmt17 \
+      --workdir runs/msmt17_vit_b16_sie_olp
+
+Paper (mAP / R1, no re-ranking): 75.8 / 89.7. Numbers are from the last epoch, as the
+reference reports them.
+
+Weights: OpenAI's ViT-B-16.pt (or its `.npz` from `python -m jaxprompt.convert`).
+Evaluate an authors' released checkpoint instead of training:
+  python launch.py --config configs/clipreid/msmt17_vit_b16_sie_olp.py --stage eval \
+      --config.model.released_checkpoint=PATH.pth --config.data.root=data/msmt17 --workdir runs/msmt17_vit_b16_sie_olp_released
+"""
+from jaxprompt.pipelines import clipreid
+
+
+def get_config():
+  return clipreid.paper_config("msmt17", "vit_b16", "sie_olp")

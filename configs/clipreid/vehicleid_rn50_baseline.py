@@ -1,0 +1,20 @@
+"""VehicleID (test size 800), RN50: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
+
+  python launch.py --config configs/clipreid/vehicleid_rn50_baseline.py \
+      --config.model.clip_weights=weights/clip_rn50.npz \
+      --config.data.root=data/vehicleid \
+      --workdir runs/vehicleid_rn50_baseline
+
+Paper (R1 / R5, no re-ranking): 84.4 / 96.6. Numbers are from the last epoch, as the
+reference reports them.
+
+Weights: OpenAI's RN50.pt (or its `.npz` from `python -m jaxprompt.convert`).
+Evaluate an authors' released checkpoint instead of training:
+  python launch.py --config configs/clipreid/vehicleid_rn50_baseline.py --stage eval \
+      --config.model.released_checkpoint=PATH.pth --config.data.root=data/vehicleid --workdir runs/vehicleid_rn50_baseline_released
+"""
+from jaxprompt.pipelines import clipreid
+
+
+def get_config():
+  return clipreid.paper_config("vehicleid", "rn50", "baseline")
