@@ -25,6 +25,10 @@ from jaxprompt.convert import clipreid_ckpt, lpt_ckpt  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError  # noqa: E402
 from jaxprompt.models import clipreid  # noqa: E402
 from jaxprompt.tokenizer import tokenize  # noqa: E402
+from release_fixtures import heads as _heads  # noqa: E402
+from release_fixtures import lpt_torch as _lpt_torch  # noqa: E402
+from release_fixtures import randomise as _randomise  # noqa: E402
+from release_fixtures import resize_pos as _resize_pos  # noqa: E402
 
 TOL = 1e-4
 NUM_IDS, NUM_CAMS, SIE_COE = 5, 6, 1.0
@@ -32,43 +36,6 @@ TEXT_CFG = dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=
 VIT_CFG = dict(layers=3, width=128, patch_size=16, image_size=64)
 RN_CFG = dict(layers=(1, 1, 1, 1), width=16, image_size=64)
 H, W = 256, 128
-
-
-def _randomise(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-      if not p.dtype.is_floating_point or name.endswith("attn_mask") or name == "logit_scale":
-        continue
-      if name.endswith("running_var"):
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
-      elif name.endswith(("running_mean", "bias")):
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1 and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-  return model.eval()
-
-
-def _resize_pos(pe, grid):
-  """CLIP-ReID's `resize_pos_embed`: row 0 kept, bilinear (align_corners=False) on the rest."""
-  g = round((pe.shape[0] - 1) ** 0.5)
-  rest = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-  rest = torch.nn.functional.interpolate(rest, size=grid, mode="bilinear", align_corners=False)
-  return torch.cat([pe[:1], rest.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
-
-
-def _heads(in_planes, proj_dim, seed):
-  """BNNecks (bias 0, as the reference keeps it) and bias-free classifiers."""
-  torch.manual_seed(seed)
-  mods = {"bottleneck": torch.nn.BatchNorm1d(in_planes),
-          "bottleneck_proj": torch.nn.BatchNorm1d(proj_dim),
-          "classifier": torch.nn.Linear(in_planes, NUM_IDS, bias=False),
-          "classifier_proj": torch.nn.Linear(proj_dim, NUM_IDS, bias=False)}
-  for m in mods.values():
-    _randomise(m, seed)
-  for bn in ("bottleneck", "bottleneck_proj"):
-    torch.nn.init.zeros_(mods[bn].bias)
-  return mods
 
 
 def _images(b, h, w, seed=0):
@@ -302,30 +269,6 @@ def test_clipreid_mismatches_are_readable(clipreid_vit):
 # -- LPT ---------------------------------------------------------------------------------------
 
 DEPTH, T, POOL, G, C, D = 4, 3, 5, 2, 7, 128
-
-
-def _lpt_torch(seed=0):
-  torch.manual_seed(seed)
-  # LPT builds the timm ViT with nn.LayerNorm (eps 1e-5) and nn.GELU; its timm head is identity.
-  m = timm_vit_mod.VisionTransformer(img_size=64, patch_size=16, embed_dim=D, depth=DEPTH,
-                                     num_heads=2, num_classes=0,
-                                     norm_layer=torch.nn.LayerNorm).eval()
-  with torch.no_grad():
-    for name, p in m.named_parameters():
-      if name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
-        p.copy_(1 + 0.3 * torch.randn_like(p))
-      elif "mlp.fc2.weight" in name:
-        p.normal_(0, 0.5)
-      else:
-        p.normal_(0, 0.3)
-  g = torch.Generator().manual_seed(seed + 1)
-  prompts = {"Prompt_Tokens": 0.5 * torch.randn(DEPTH, T, D, generator=g),
-             "Prompt_Tokens_pool": 0.5 * torch.randn(POOL, G, T, D, generator=g),
-             "Prompt_Keys": torch.randn(POOL, D, generator=g),
-             "head.weight": torch.randn(D, C, generator=g)}
-  sd = dict(m.state_dict())
-  sd.update({f"prompt_learner.{k}": v for k, v in prompts.items()})
-  return m, prompts, sd
 
 
 @torch.no_grad()

@@ -11,6 +11,13 @@ Paper (Table 8 row d; overall / many / medium / few): 50.07 / 49.27 / 52.31 / 46
 
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
+
+Evaluate the authors' released phase-2 checkpoint instead of training (their README
+reports 50.07 overall for it):
+  python launch.py --config configs/lpt/places_lt_lpt.py --stage eval \
+      --config.model.released_checkpoint=LPT_places.pth \
+      --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
+      --workdir runs/places_lt_lpt_released
 """
 from jaxprompt.pipelines import lpt
 

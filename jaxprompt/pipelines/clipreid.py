@@ -4,6 +4,8 @@
   python launch.py --config configs/<row>.py --workdir RUN --stage eval    # evaluate again
   python launch.py --config configs/<row>.py --workdir RUN --stage extract \\
       --config.extract.images=DIR --config.extract.out=FILE.npz           # embed a folder
+  python launch.py --config configs/<row>.py --workdir RUN --stage eval \\
+      --config.model.released_checkpoint=PATH.pth                         # authors' weights
 
 Stages, in order (each resumes from its own checkpoints; a stage's final checkpoint is the
 next stage's input):
@@ -108,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
                   converted released checkpoint) used by 'eval' and 'extract' instead of
                   this workdir's stage-2 checkpoint; names may start with 'params/' and
                   'batch_stats/' (else all are params)
+    released_checkpoint  one of the authors' released CLIP-ReID `.pth` state dicts,
+                  evaluated by 'eval' / 'extract' in place of this workdir's checkpoints
+                  (training stages refuse to run with it); the tower comes from the file,
+                  built for data.size / stride / last_stride / SIE of this config, and
+                  clip_weights is not needed (only the image side is used)
   loss:
     id_weight (0.25 ViT, 1.0 RN / baseline), triplet_weight 1, i2t_weight 1,
     label_smoothing 0.1 (0 = plain CE; VehicleID RN and VehicleID baselines), margin 0.3
@@ -124,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
     grid_queries, grid_topk (ranked-results figure)
   extract:
     images        folder of images to embed (recursive); out  output .npz (paths, features)
-    source        'trained' (model.trained_params, else this workdir's final stage 2) or
+    source        'trained' (model.released_checkpoint or model.trained_params, else this
+                  workdir's final stage 2) or
                   'pretrained' (the CLIP image tower before fine-tuning)
     camid, viewid SIE indices applied to every image (SIE models only)
     batch_size    images per jitted batch (rounded up to a multiple of the device count)
@@ -144,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       clip_weights="", stride=16, last_stride=1, sie_camera=False, sie_view=False,
-      sie_coe=3.0, trained_params=""))
+      sie_coe=3.0, trained_params="", released_checkpoint=""))
   c.model.tiny_random = ml_collections.ConfigDict(dict(
       enabled=False, seed=0, vision="vit", width=32, layers=2, heads=2, patch_size=8,
       rn_layers=[1, 1, 1, 1], embed_dim=32, text_width=32, text_heads=2, text_layers=1))
@@ -265,6 +273,10 @@ def _validate(config) -> None:
   if _sie_on(config) and not _is_vit(config):
     raise ValueError("SIE (model.sie_camera / sie_view) applies to ViT towers only; the "
                      "reference never feeds it to RN50")
+  if config.model.released_checkpoint:
+    if config.model.trained_params:
+      raise ValueError("set only one of model.released_checkpoint and model.trained_params")
+    return  # the tower comes from the released file
   if not config.model.clip_weights and not config.model.tiny_random.enabled:
     raise ValueError("set model.clip_weights to a CLIP checkpoint (e.g. ViT-B-16.pt / RN50.pt) "
                      "or model.tiny_random.enabled=True")
@@ -313,6 +325,70 @@ def load_backbone(config) -> tuple[CLIP, dict]:
   return model, {k: dict(v) for k, v in variables.items()}
 
 
+def _strides_fitting(rows: int, size, patch: int) -> list[int]:
+  """Patch strides whose token grid at `size` has `rows - 1` tokens."""
+  h, w = size
+  if h < patch or w < patch:
+    return []
+  return [s for s in range(patch, 0, -1)
+          if ((h - patch) // s + 1) * ((w - patch) // s + 1) + 1 == rows]
+
+
+def load_released(config) -> tuple[CLIP, dict, dict]:
+  """(CLIP model, host variables, converter info) from `model.released_checkpoint`.
+
+  The tower is built for this config (data.size, model.stride / last_stride); a file
+  that does not fit raises a ValueError naming the config field to change. Variables:
+  {'params': {'img', 'prompt'?, 'head'} (no text tower), 'batch_stats': {'img'?, 'head'}}.
+  """
+  # pylint: disable=import-outside-toplevel
+  from jaxprompt.convert import clipreid_ckpt
+  from jaxprompt.convert.io import WeightMismatchError, read_arrays
+  path = config.model.released_checkpoint
+  size = tuple(int(s) for s in config.data.size)
+  sd = {(k[7:] if k.startswith("module.") else k): v for k, v in read_arrays(path).items()}
+  vit = _is_vit(config)
+  if "image_encoder.proj" in sd or "image_encoder.attnpool.positional_embedding" in sd:
+    file_vit = "image_encoder.proj" in sd
+    if file_vit != vit:
+      raise ValueError(f"{path} holds a {'ViT' if file_vit else 'ResNet'} image encoder but "
+                       f"backbone={config.backbone!r}: set backbone="
+                       f"{'vit_b16' if file_vit else 'rn50'!r}")
+  kw = (dict(patch_stride=int(config.model.stride)) if vit
+        else dict(last_stride=int(config.model.last_stride)))
+  try:
+    model, params, state, info = clipreid_ckpt.convert(sd, image_size=size, **kw)
+  except WeightMismatchError as e:
+    if "positional_embedding  model" not in str(e):
+      raise  # not a grid mismatch: the converter's diff says what is wrong
+    if vit:
+      rows = int(sd["image_encoder.positional_embedding"].shape[0])
+      patch = int(sd["image_encoder.conv1.weight"].shape[-1])
+      fits = _strides_fitting(rows, size, patch)
+      hint = (f"set model.stride={fits[0]}" if len(fits) == 1 else
+              f"set model.stride to the checkpoint's MODEL.STRIDE_SIZE (one of {fits})" if fits
+              else f"no patch stride fits data.size={list(size)}: set data.size to the "
+                   "checkpoint's INPUT.SIZE_TRAIN")
+      raise ValueError(
+          f"{path}: its position embedding ({rows - 1} patches) does not fit model.stride="
+          f"{config.model.stride} at data.size={list(size)}; {hint}") from None
+    raise ValueError(
+        f"{path}: its attention-pool grid does not fit data.size={list(size)} with "
+        f"model.last_stride={config.model.last_stride}; set model.last_stride (CLIP-ReID "
+        "trains with 1) or data.size to the checkpoint's INPUT.SIZE_TRAIN") from None
+  model = CLIP(info["config"], dtype=precision.compute_dtype(config.precision))
+  # Evaluation and extraction use the image side only; the text tower (whose token table is
+  # mostly unknown without clip_weights) would just hold host memory.
+  params = {k: v for k, v in params.items() if k != "txt"}
+  variables = {"params": jax.device_get(params),
+               "batch_stats": jax.device_get(state["batch_stats"])}
+  for note in info["notes"]:
+    logging.info("released checkpoint: %s", note)
+  logging.info("released checkpoint %s: %s %s, %d identities, grid %s, SIE rows %d", path,
+               info["kind"], info["backbone"], info["num_ids"], info["grid"], info["sie_rows"])
+  return model, variables, info
+
+
 @dataclasses.dataclass
 class SIESpec:
   """How camera/view indices become SIE rows (static; shapes come from the data)."""
@@ -342,6 +418,7 @@ class Context:
     self.workdir = workdir
     self._dataset = None
     self._clip = None
+    self.released_info: Optional[dict] = None
     self._embed = {}
     c = config.stage2
     self.mesh = shd.make_mesh([tuple(a) for a in c.mesh] if c.mesh
@@ -375,12 +452,17 @@ class Context:
   @property
   def clip(self) -> tuple[CLIP, dict]:
     if self._clip is None:
-      self._clip = load_backbone(self.config)
+      if self.config.model.released_checkpoint:
+        model, variables, self.released_info = load_released(self.config)
+        self._clip = (model, variables)
+      else:
+        self._clip = load_backbone(self.config)
     return self._clip
 
   def clip_source(self) -> str:
     m = self.config.model
-    return m.clip_weights or f"tiny_random(seed={m.tiny_random.seed})"
+    return (m.released_checkpoint or m.clip_weights
+            or f"tiny_random(seed={m.tiny_random.seed})")
 
   def sie_spec(self, num_views: Optional[int] = None) -> SIESpec:
     m = self.config.model
@@ -703,9 +785,61 @@ def read_trained_params_file(path: str) -> tuple[dict, dict]:
   return unflatten(flat), {}
 
 
+def _sie_settings_for(rows: int, num_cams: int, num_views: int) -> list[str]:
+  out = []
+  for cam, view in ((True, False), (False, True), (True, True)):
+    if clipreid.sie_rows(num_cams, num_views, cam, view) == rows:
+      out.append(f"model.sie_camera={cam}, model.sie_view={view}")
+  return out
+
+
+def check_released(ctx: Context, check_dataset: bool = True) -> None:
+  """Refuse a released checkpoint whose SIE table or identities do not fit the config
+  and dataset, naming the config field to change."""
+  config, path = ctx.config, ctx.config.model.released_checkpoint
+  model, variables = ctx.clip
+  del model
+  info = ctx.released_info
+  table = variables["params"].get("prompt", {}).get("sie")
+  m = config.model
+  if table is not None and not _sie_on(config):
+    raise ValueError(
+        f"{path} has an SIE table (cv_embed, {table.shape[0]} rows) but model.sie_camera and "
+        "model.sie_view are off: set model.sie_camera=True (and model.sie_view=True for a "
+        "camera x view table, VeRi) and model.sie_coe to the checkpoint's MODEL.SIE_COE")
+  if table is None and _sie_on(config):
+    raise ValueError(f"{path} has no SIE table (cv_embed): set model.sie_camera=False and "
+                     "model.sie_view=False")
+  if not check_dataset:
+    return
+  ds = ctx.dataset
+  if info["num_ids"] != ds.num_train_pids:
+    raise ValueError(
+        f"{path} was trained on {info['num_ids']} identities but data.name={config.data.name!r} "
+        f"under data.root={config.data.root!r} has {ds.num_train_pids} training identities: "
+        "set data.name / data.root to the dataset the checkpoint was trained on")
+  if table is not None:
+    num_views = ctx.sie_spec().num_views
+    want = clipreid.sie_rows(ds.num_train_cams, num_views, bool(m.sie_camera), bool(m.sie_view))
+    if want != table.shape[0]:
+      fits = _sie_settings_for(table.shape[0], ds.num_train_cams, ds.num_train_views)
+      hint = (f"set {' or '.join(fits)}" if fits else
+              "set data.name / data.root to the dataset the checkpoint was trained on")
+      raise ValueError(
+          f"{path}'s SIE table (cv_embed) has {table.shape[0]} rows but model.sie_camera="
+          f"{m.sie_camera}, model.sie_view={m.sie_view} on this dataset ({ds.num_train_cams} "
+          f"train cameras, {ds.num_train_views} views) need {want}: {hint}")
+
+
 def trained_image_model(ctx: Context) -> tuple[dict, str]:
   """The image-side variables {'img', 'sie', 'batch_stats'} to evaluate, and their origin."""
   path = ctx.config.model.trained_params
+  if ctx.config.model.released_checkpoint:
+    _, variables = ctx.clip
+    v = {"img": variables["params"]["img"],
+         "sie": variables["params"].get("prompt", {}).get("sie") if _sie_on(ctx.config) else None,
+         "batch_stats": variables.get("batch_stats", {}).get("img")}
+    return v, ctx.config.model.released_checkpoint
   if path:
     params, state = read_trained_params_file(path)
     origin = path
@@ -736,14 +870,17 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
   e = config.eval
   out_dir = ctx.stage_dir("eval")
   results_path = os.path.join(out_dir, "results.json")
-  key = {"step": None if config.model.trained_params else _step_of_final(ctx.workdir),
-         "weights": config.model.trained_params, "eval": e.to_dict()}
+  weights = config.model.released_checkpoint or config.model.trained_params
+  key = {"step": None if weights else _step_of_final(ctx.workdir), "weights": weights,
+         "eval": e.to_dict()}
   if not force:
     prev = common.read_json(results_path)
     if prev is not None and prev.get("key") == key:
       logging.info("eval: results of this checkpoint already in %s", results_path)
       return prev
   ds = ctx.dataset
+  if config.model.released_checkpoint:
+    check_released(ctx)
   v, origin = trained_image_model(ctx)
   fn = ctx.embed_fn("test", ctx.sie_spec(), int(e.batch_size))
   v = fn.place(v)
@@ -792,14 +929,23 @@ def run_extract(ctx: Context) -> dict:
   if not x.images or not x.out:
     raise ValueError("set extract.images (a folder) and extract.out (an .npz file)")
   paths = common.list_images(x.images)
+  released = bool(ctx.config.model.released_checkpoint)
+  if x.source == "pretrained" and released:
+    raise ValueError("extract.source='pretrained' embeds with the CLIP tower before "
+                     "fine-tuning: unset model.released_checkpoint and set model.clip_weights, "
+                     "or use extract.source='trained' for the released model")
   if x.source == "pretrained":
     _, variables = ctx.clip
     v = {"img": variables["params"]["img"], "sie": None,
          "batch_stats": variables.get("batch_stats", {}).get("img")}
     sie, origin = SIESpec(False, False, 0.0, 1), ctx.clip_source()
   elif x.source == "trained":
+    if released:
+      # The dataset is read only where it is needed (camera x view SIE: the view count).
+      check_released(ctx, check_dataset=bool(ctx.config.data.root))
     v, origin = trained_image_model(ctx)
-    meta = common.read_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json"))
+    meta = (None if released else
+            common.read_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json")))
     num_views = meta["sie_num_views"] if meta else None
     if num_views is None and not (ctx.config.model.sie_camera and ctx.config.model.sie_view):
       num_views = 1
@@ -833,6 +979,11 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   if stage is not None and stage not in stages + ("extract",):
     raise ValueError(f"unknown stage {stage!r}; the {config.variant} pipeline has "
                      f"{stages + ('extract',)}")
+  if config.model.released_checkpoint and stage not in ("eval", "extract"):
+    raise ValueError(
+        f"model.released_checkpoint is set ({config.model.released_checkpoint}): it can only be "
+        "evaluated; run with --stage eval (or --stage extract), or unset it to train"
+        + ("" if stage is None else f" (got --stage {stage})"))
   ctx = Context(config, workdir)
   results: dict[str, Any] = {}
 

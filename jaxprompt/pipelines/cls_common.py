@@ -189,6 +189,8 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   m = ml_collections.ConfigDict()
   m.vit_weights = ""          # timm .pth/.safetensors or AugReg/big_vision .npz
   m.tiny_random = False       # build a random tower from model.tiny instead of weights
+  m.released_checkpoint = ""  # LPT: the authors' LPT_places.pth, evaluated by --stage eval
+                              # instead of this workdir's checkpoints (vit_weights unused)
   m.tiny = ml_collections.ConfigDict(dict(width=64, depth=4, heads=1, mlp_dim=128, patch=4,
                                           seed=0))
   m.image_size = 224          # input side; the position embedding is resized to it
@@ -333,10 +335,17 @@ def synthetic_lt(num_classes: int = 10, image_size: int = 16, max_count: int = 6
   return longtail.LTDataset(train, num_classes), longtail.LTDataset(test, num_classes)
 
 
-def load_datasets(config) -> tuple[longtail.LTDataset, longtail.LTDataset]:
-  """(train, test) for `data.dataset`."""
+def load_datasets(config, *, check_train_files: bool = True
+                  ) -> tuple[longtail.LTDataset, longtail.LTDataset]:
+  """(train, test) for `data.dataset`.
+
+  `check_train_files=False` reads the train labels without checking that the images
+  exist (evaluation needs only the class counts).
+  """
   d = config.data
   name = d.dataset
+  check = bool(d.check_files)
+  check_train = check and check_train_files
   if name == "synthetic":
     return synthetic_lt(**dict(d.synthetic))
   if name == "cifar100_lt":
@@ -345,23 +354,23 @@ def load_datasets(config) -> tuple[longtail.LTDataset, longtail.LTDataset]:
                                       source=d.cifar_source),
             longtail.load_cifar100_lt(root, d.imbalance_ratio, "test", source=d.cifar_source))
   if name == "places_lt":
-    kw = dict(lists_dir=d.lists_dir or None, check_files=bool(d.check_files))
-    return (longtail.load_places_lt(d.root, "train", **kw),
-            longtail.load_places_lt(d.root, d.test_split, **kw))
+    lists = d.lists_dir or None
+    return (longtail.load_places_lt(d.root, "train", lists_dir=lists, check_files=check_train),
+            longtail.load_places_lt(d.root, d.test_split, lists_dir=lists, check_files=check))
   if name == "inat2018":
     if not (d.train_file and d.test_file):
       raise ValueError("inat2018 needs data.train_file and data.test_file (json or txt lists)")
-    def one(path):
+    def one(path, check_files):
       if path.endswith(".json"):
-        return longtail.load_inat2018_json(path, d.root, check_files=bool(d.check_files))
-      return longtail.load_inat2018_list(path, d.root, check_files=bool(d.check_files))
-    return one(d.train_file), one(d.test_file)
+        return longtail.load_inat2018_json(path, d.root, check_files=check_files)
+      return longtail.load_inat2018_list(path, d.root, check_files=check_files)
+    return one(d.train_file, check_train), one(d.test_file, check)
   if name == "list":
     if not (d.train_file and d.test_file):
       raise ValueError("dataset 'list' needs data.train_file and data.test_file")
     nc = int(d.num_classes) or None
-    tr = longtail.read_lt_list(d.train_file, d.root, num_classes=nc, check_files=bool(d.check_files))
-    te = longtail.read_lt_list(d.test_file, d.root, num_classes=nc, check_files=bool(d.check_files))
+    tr = longtail.read_lt_list(d.train_file, d.root, num_classes=nc, check_files=check_train)
+    te = longtail.read_lt_list(d.test_file, d.root, num_classes=nc, check_files=check)
     nc = nc or int(max(r.label for r in tr + te)) + 1
     return longtail.LTDataset(tr, nc), longtail.LTDataset(te, nc)
   raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
@@ -598,9 +607,10 @@ def run_predict(predict, params, records: Sequence, decode, batch: int, workers:
 
 
 def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
-             train_counts: np.ndarray, name: str) -> dict:
+             train_counts: np.ndarray, name: str, extra: Optional[Mapping[str, Any]] = None
+             ) -> dict:
   """Shot accuracies (under `eval.convention`, and the other convention for reference),
-  per-class accuracy, plots and `results.json` in `out_dir`."""
+  per-class accuracy, plots and `results.json` in `out_dir` (plus the `extra` fields)."""
   d = config.data
   res = run_predict(predict, params, test.records, decode_fn(config, train=False),
                     int(d.eval_batch_size), int(d.workers))
@@ -618,6 +628,7 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
       "num_test": int(labels.size),
       "classes_per_bucket": {k: int(v.sum()) for k, v in buckets.items()},
       "per_class_accuracy": [None if np.isnan(a) else 100.0 * float(a) for a in per_class],
+      **dict(extra or {}),
   }
   if "indices" in res:
     result["prompt_usage"] = np.bincount(res["indices"].reshape(-1),
@@ -681,18 +692,78 @@ class Setup:
 
   def __init__(self, config):
     self.config = config
-    self.vit, self.img_params = build_vit(config)
-    self.train, self.test = load_datasets(config)
+    self.released: Optional[dict] = None
+    path = config.model.released_checkpoint
+    if path:
+      if config.method != "lpt":
+        raise ValueError(f"model.released_checkpoint is supported for LPT's released "
+                         f"LPT_places.pth only, not method {config.method!r}: unset it")
+      self.vit, self.released, info = load_released(config)
+      self.img_params = self.released["img"]
+      self.train, self.test = load_datasets(config, check_train_files=False)
+      check_released(config, info, self.train.num_classes)
+      self.vit_source = str(path)
+    else:
+      self.vit, self.img_params = build_vit(config)
+      self.train, self.test = load_datasets(config)
+      self.vit_source = (f"tiny_random({dict(config.model.tiny)})" if config.model.tiny_random
+                         else str(config.model.vit_weights))
     self.counts = self.train.class_counts()
     self.spec = prompt_spec(config, self.train.num_classes)
-    self.vit_source = (f"tiny_random({dict(config.model.tiny)})" if config.model.tiny_random
-                       else str(config.model.vit_weights))
     logging.info("dataset %s: %d train / %d test images, %d classes (counts %d..%d)",
                  config.data.dataset, len(self.train), len(self.test), self.train.num_classes,
                  int(self.counts.max()), int(self.counts.min()))
 
   def init_params(self) -> dict:
+    """The full tree: fresh prompts and head, or the released checkpoint's."""
+    if self.released is not None:
+      return self.released
     return init_params(self.config, self.img_params, self.vit.config, self.spec)
+
+
+def load_released(config) -> tuple[ViT, dict, dict]:
+  """(tower, host params {'img', 'prompt', 'head'}, converter info) of
+  `model.released_checkpoint` (LPT's phase-2 model)."""
+  from jaxprompt.convert import lpt_ckpt  # pylint: disable=import-outside-toplevel
+  path = config.model.released_checkpoint
+  model, params, info = lpt_ckpt.convert(path)
+  logging.info("released checkpoint %s: %d classes, depth %d, prompts %d x %d, pool %d, "
+               "group layers %d, grid %s", path, info["num_classes"], info["depth"],
+               info["depth"], info["prompt_length"], info["pool_size"], info["group_layers"],
+               info["grid"])
+  return model.img, jax.device_get(params), info
+
+
+def check_released(config, info: Mapping[str, Any], num_classes: int) -> None:
+  """Refuse a released LPT checkpoint that does not fit the config or the dataset,
+  naming the config field to change."""
+  m, path = config.model, config.model.released_checkpoint
+  vcfg = info["config"]
+  side = [g * vcfg.patch for g in info["grid"]]
+  wrong = []
+  if side[0] != side[1] or int(m.image_size) != side[0]:
+    wrong.append(f"model.image_size={side[0]} (its position embedding is a "
+                 f"{info['grid'][0]}x{info['grid'][1]} grid of {vcfg.patch}-pixel patches; "
+                 f"config {m.image_size})")
+  for field, key in (("prompt_length", "prompt_length"), ("pool_size", "pool_size"),
+                     ("group_layers", "group_layers")):
+    if int(m[field]) != int(info[key]):
+      wrong.append(f"model.{field}={info[key]} (config {m[field]})")
+  if float(m.ln_eps) != float(info["ln_eps"]):
+    wrong.append(f"model.ln_eps={info['ln_eps']} (config {m.ln_eps})")
+  if not m.exact_gelu:
+    wrong.append("model.exact_gelu=True")
+  if m.head != "cosine":
+    wrong.append(f"model.head='cosine' (config {m.head!r})")
+  if wrong:
+    raise ValueError(f"{path} does not fit this config: set " + "; ".join(wrong))
+  if int(info["num_classes"]) != int(num_classes):
+    hint = (f"set data.num_classes={info['num_classes']} if the lists use that many labels"
+            if config.data.dataset == "list" else
+            "set data.dataset (and data.root / data.lists_dir) to the dataset it was trained on")
+    raise ValueError(
+        f"{path} classifies {info['num_classes']} classes but data.dataset="
+        f"{config.data.dataset!r} has {num_classes}: {hint}")
 
 
 def train_stage(setup: Setup, workdir: str, stage: str, *, rules, forward: ForwardFn,
@@ -713,14 +784,33 @@ def eval_stage(setup: Setup, workdir: str, stage_chain: Sequence[str], *, phase:
                predict_images: bool = True) -> dict:
   """Evaluate the model after the last stage of `stage_chain` (read from the checkpoints
   of the whole chain); predictions for `eval.predict_dir` if set."""
-  config = setup.config
   name = stage_chain[-1]
   params = params_after(workdir, stage_chain, setup.init_params())
+  return evaluate_params(setup, workdir, name, params, phase=phase,
+                         predict_images=predict_images)
+
+
+def eval_released(setup: Setup, workdir: str, *, predict_images: bool = True) -> dict:
+  """Evaluate `model.released_checkpoint` (LPT's phase-2 model) as the phase-2 stage:
+  results in `<workdir>/eval/phase2/`, as for a trained run."""
+  if setup.released is None:
+    raise ValueError("model.released_checkpoint is not set")
+  return evaluate_params(setup, workdir, "phase2", setup.released, phase=2,
+                         predict_images=predict_images, label="phase2 (released)",
+                         extra={"weights": str(setup.config.model.released_checkpoint)})
+
+
+def evaluate_params(setup: Setup, workdir: str, name: str, params: Mapping, *, phase: int,
+                    predict_images: bool = True, label: str = "",
+                    extra: Optional[Mapping[str, Any]] = None) -> dict:
+  """`evaluate` of `params` into `<workdir>/eval/<name>/`, and predictions for
+  `eval.predict_dir` if set."""
+  config = setup.config
   predict = lpt_model.make_predict(setup.vit, setup.spec, phase=phase,
                                    fused=bool(config.eval.fused))
   out_dir = os.path.join(workdir, "eval", name)
   result = evaluate(config, out_dir, predict, params, setup.test, setup.counts,
-                    f"{config.method}/{name}")
+                    f"{config.method}/{label or name}", extra=extra)
   if predict_images and config.eval.predict_dir:
     output = config.eval.predict_output or os.path.join(out_dir, "predictions.tsv")
     predict_folder(config, predict, params, config.eval.predict_dir, output,

@@ -4,6 +4,8 @@
   python launch.py --config ... --workdir RUN --stage phase2               # one stage
   python launch.py --config ... --workdir RUN --stage eval \\
       --config.eval.predict_dir=/path/to/images                            # + predictions
+  python launch.py --config ... --workdir RUN --stage eval \\
+      --config.model.released_checkpoint=LPT_places.pth                    # authors' model
 
 Stages (each resumes from its own checkpoints; lpt.md 2-5):
 
@@ -17,7 +19,9 @@ Stages (each resumes from its own checkpoints; lpt.md 2-5):
    prompt in the last G blocks; L = [A-GCL_CB - 0.5 rs_CB] + w_e [A-GCL_IB - 0.5 rs_IB].
 3. eval: overall / many / medium / few accuracy of each stage in `eval.stages`,
    per-class and bucket plots, `eval/<stage>/results.json`; class ids for the
-   images of `eval.predict_dir`.
+   images of `eval.predict_dir`. With `model.released_checkpoint` (the authors'
+   LPT_places.pth, a phase-2 model) only this stage runs, on that file: its results
+   go to `eval/phase2/` (the tower, prompts and head all come from the file).
 
 `paper_config(dataset, method)` builds the reference recipe (see cls_common).
 """
@@ -68,6 +72,11 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     raise ValueError(f"unknown stage {stage!r}; this pipeline has {STAGES}")
   if config.method != "lpt":
     raise ValueError(f"pipeline 'lpt' runs method 'lpt', not {config.method!r} (use 'vpt')")
+  released = config.model.released_checkpoint
+  if released and stage != "eval":
+    raise ValueError(
+        f"model.released_checkpoint is set ({released}): it can only be evaluated; run with "
+        "--stage eval, or unset it to train" + ("" if stage is None else f" (got --stage {stage})"))
   setup = cls_common.Setup(config)
   cls_common.log_counts(workdir, setup.init_params(), setup.spec)
   results = {}
@@ -90,7 +99,9 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
         seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1")
 
   # Eval: each requested finished stage, on the test split.
-  if stage in (None, "eval"):
+  if released:
+    results["eval"] = {"phase2": cls_common.eval_released(setup, workdir)}
+  elif stage in (None, "eval"):
     results["eval"] = {}
     stages = list(config.eval.stages)
     for i, name in enumerate(stages):
