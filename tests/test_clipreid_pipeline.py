@@ -67,7 +67,7 @@ def tiny_config(root: str, vision: str = "vit", variant: str = "clipreid"):
   c.model.tiny_random.enabled = True
   c.model.tiny_random.vision = vision
   c.model.stride = 8
-  c.data.size = [32, 16]
+  c.data.size = (32, 16)
   c.data.workers = 2
   c.data.num_instances = 2
   for s in (c.stage1, c.stage2):

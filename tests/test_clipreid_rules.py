@@ -28,7 +28,7 @@ def test_paper_config_values(dataset, backbone, variant):
   c = clipreid.paper_config(dataset, backbone, variant)
   vit, vid = backbone == "vit_b16", dataset == "vehicleid"
   assert c.pipeline == "clipreid" and c.seed == 1234
-  assert list(c.data.size) == ([256, 128] if dataset in PERSON else [256, 256])
+  assert tuple(c.data.size) == ((256, 128) if dataset in PERSON else (256, 256))
   # Stage 1 (spec 3.5).
   assert c.stage1.total_epochs == (120 if vit and dataset in PERSON else 60)
   assert c.stage1.batch_size == (256 if vid else 64)
