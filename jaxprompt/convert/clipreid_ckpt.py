@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt.convert import io
 from jaxprompt.convert.io import (WeightMismatchError, check_names_and_shapes, flatten,
                                   read_arrays, unflatten)
 from jaxprompt.convert.openai_clip import clean_state_dict, infer_config, torch_name
@@ -57,21 +58,13 @@ _BN_BIAS_TOL = 1e-6
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".attn_mask")
 
 
-def _as_numpy(v: Any) -> np.ndarray:
-  if hasattr(v, "detach"):
-    v = v.detach().cpu()
-    v = v.float() if v.dtype.is_floating_point else v
-    return v.numpy()
-  return np.asarray(v)
-
-
 def _read(source: Union[str, os.PathLike, Mapping[str, Any]]) -> tuple[dict, str]:
   if isinstance(source, Mapping):
     for key in ("state_dict", "model", "module"):
       if key in source and isinstance(source[key], Mapping):
         source = source[key]
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in source.items()}
-    return {k: _as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}, "state dict"
+    return {k: io.as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}, "state dict"
   return read_arrays(source), repr(os.fspath(source))
 
 

@@ -48,11 +48,13 @@ def _unwrap(obj, path: str) -> Mapping:
   return obj
 
 
-def _to_numpy(t) -> np.ndarray:
-  a = t.detach().cpu()
-  if a.dtype.is_floating_point:
-    a = a.float()  # fp16/bf16 checkpoints are upcast exactly
-  return a.numpy()
+def as_numpy(v) -> np.ndarray:
+  """A torch tensor (fp16/bf16 upcast exactly to float32) or array-like -> numpy."""
+  if hasattr(v, "detach"):
+    v = v.detach().cpu()
+    v = v.float() if v.dtype.is_floating_point else v
+    return v.numpy()
+  return np.asarray(v)
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
@@ -65,7 +67,7 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
   for k, v in obj.items():
     if hasattr(v, "detach"):
       k = k[len("module."):] if k.startswith("module.") else k
-      out[k] = _to_numpy(v)
+      out[k] = as_numpy(v)
   return out
 
 

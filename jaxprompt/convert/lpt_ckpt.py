@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.convert import timm_vit
+from jaxprompt.convert import io, timm_vit
 from jaxprompt.convert.io import WeightMismatchError, check_names_and_shapes, read_arrays
 from jaxprompt.models.vit import ViT, ViTModel
 
@@ -40,20 +40,12 @@ SHARED, GROUP, KEYS, HEAD = (PL + "Prompt_Tokens", PL + "Prompt_Tokens_pool",
 LN_EPS = 1e-5
 
 
-def _as_numpy(v: Any) -> np.ndarray:
-  if hasattr(v, "detach"):
-    v = v.detach().cpu()
-    v = v.float() if v.dtype.is_floating_point else v
-    return v.numpy()
-  return np.asarray(v)
-
-
 def _read(source) -> tuple[dict[str, np.ndarray], str]:
   if isinstance(source, Mapping):
     for key in ("state_dict", "model", "module"):
       if key in source and isinstance(source[key], Mapping):
         source = source[key]
-    out = {(k[7:] if k.startswith("module.") else k): _as_numpy(v)
+    out = {(k[7:] if k.startswith("module.") else k): io.as_numpy(v)
            for k, v in source.items() if hasattr(v, "shape")}
     return out, "state dict"
   return read_arrays(source), repr(os.fspath(source))
