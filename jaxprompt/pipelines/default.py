@@ -1,0 +1,421 @@
+"""The default job: small, offline, complete runs of CLIP-ReID and LPT, with one results table.
+
+  python launch.py                                  # configs/default.py into workdir/default
+  python launch.py --stage report                   # print the table of a finished run again
+
+Stages, in order (each resumes: the data writers reuse files made with the same settings,
+the real pipelines resume from their checkpoints):
+
+  data      a synthetic re-identification set in Market-1501's layout and naming, a
+            long-tailed digits set written as PNG files + `<path> <label>` lists, and a
+            tiny ViT pretrained briefly on procedural glyphs (the frozen LPT backbone).
+  clipreid  the CLIP-ReID pipeline's `eval` on the randomly initialised tiny CLIP (its
+            weights handed over as `model.trained_params`: "before"), then its stage 1,
+            stage 2 and eval on the same data ("after").
+  lpt       the LPT pipeline (phase 1, phase 2, eval) and the linear probe (the vpt
+            pipeline's 'linear' method) on the same frozen pretrained tower.
+  report    one table (printed, `results.md`, `results.json`) and the comparison plots.
+
+Every sub-run is a real pipeline run on a sub-config from `config.clipreid`, `config.lpt` or
+`config.linear` (any of their fields can be overridden, e.g.
+`--config.clipreid.stage2.total_epochs=40`); empty data and weight fields are pointed at
+what the `data` stage wrote. Workdir layout:
+
+  data/          Market-1501-v15.09.15/, digits_lt/, tiny_vit.npz (+ .json)
+  clipreid_untrained/   eval/ of the random CLIP (results.json, cmc.png, ranked.png)
+  clipreid/      stage1/, stage2/ (checkpoints, metrics, TensorBoard), eval/
+  lpt/           phase1/, phase2/, eval/{phase1,phase2}/
+  linear/        train/, eval/train/
+  results.md, results.json, cmc.png, bucket_accuracy.png, timings.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+STAGES = ("data", "clipreid", "lpt", "report")
+
+
+# ============================================================================ paths
+
+
+class Paths:
+  """Where each part of the job lives under `workdir`."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.data = os.path.join(workdir, "data")
+    self.market_root = self.data  # the reader takes the parent of Market-1501-v15.09.15
+    self.digits = os.path.join(self.data, "digits_lt")
+    self.vit = os.path.join(self.data, "tiny_vit.npz")
+    self.clipreid_untrained = os.path.join(workdir, "clipreid_untrained")
+    self.untrained_params = os.path.join(self.clipreid_untrained, "untrained_params.npz")
+    self.clipreid = os.path.join(workdir, "clipreid")
+    self.lpt = os.path.join(workdir, "lpt")
+    self.linear = os.path.join(workdir, "linear")
+    self.timings = os.path.join(workdir, "timings.json")
+
+
+def _read_json(path: str) -> Optional[Any]:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _say(msg: str) -> None:
+  logging.info("%s", msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ============================================================================ stage: data
+
+
+class _CountedGlyphs:
+  """The pretraining data with a progress bar: one `sample` call per training step."""
+
+  def __init__(self, data, steps: int):
+    from tqdm import tqdm
+    self._data = data
+    self.num_classes = data.num_classes
+    self._steps = int(steps)
+    self._bar = tqdm(total=self._steps, desc="pretrain", unit="step", dynamic_ncols=True,
+                     mininterval=1.0, disable=jax.process_index() != 0)
+
+  def sample(self, rng, batch):
+    out = self._data.sample(rng, batch)
+    if self._bar.n < self._steps:  # the held-out accuracy batches come after the steps
+      self._bar.update(1)
+    return out
+
+  def describe(self) -> dict:
+    return self._data.describe()  # identical settings, so a finished run is reused
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def pretrain_settings(config) -> dict:
+  """Keyword arguments of `pretrain_tiny_vit` from `config.pretrain`."""
+  p = config.pretrain
+  return dict(steps=int(p.steps), seed=int(p.seed), width=int(p.width), depth=int(p.depth),
+              heads=int(p.heads), mlp_ratio=int(p.mlp_ratio), patch=int(p.patch),
+              image_size=int(p.image_size), batch_size=int(p.batch_size),
+              learning_rate=float(p.learning_rate), weight_decay=float(p.weight_decay),
+              warmup_steps=int(p.warmup_steps), ln_eps=float(p.ln_eps))
+
+
+def write_digits(config, out_dir: str) -> dict:
+  """The long-tailed digits as PNGs + `train.txt` / `test.txt` (`<relative path> <label>`).
+
+  Returns the set's description (counts, class names); a folder written with the same
+  settings is reused.
+  """
+  from jaxprompt.demo import lt_data
+  d = config.digits
+  settings = dict(imbalance=float(d.imbalance), seed=int(d.seed), size=int(d.image_size),
+                  max_per_class=int(d.max_per_class), test_per_class=int(d.test_per_class))
+  info_path = os.path.join(out_dir, "digits.json")
+  info = _read_json(info_path)
+  if info is not None and info.get("settings") == settings:
+    return info
+  splits = lt_data.digits_longtail(**settings)
+  os.makedirs(out_dir, exist_ok=True)
+  for split, ds in (("train", splits.train), ("test", splits.test)):
+    lines = []
+    for i, r in enumerate(ds.records):
+      rel = os.path.join(split, f"{r.label}_{splits.class_names[r.label]}", f"{i:05d}.png")
+      os.makedirs(os.path.join(out_dir, os.path.dirname(rel)), exist_ok=True)
+      Image.fromarray(r.image).save(os.path.join(out_dir, rel))
+      lines.append(f"{rel} {r.label}\n")
+    with open(os.path.join(out_dir, f"{split}.txt"), "w") as f:
+      f.writelines(lines)
+  info = {"settings": settings, "class_names": list(splits.class_names),
+          "train_counts": splits.class_counts.tolist(),
+          "test_counts": splits.test.class_counts().tolist()}
+  _write_json(info_path, info)
+  return info
+
+
+def run_data(config, paths: Paths) -> dict:
+  """Writes the ReID set and the digits, and pretrains the tiny ViT (each reused if present)."""
+  from jaxprompt.demo import pretrain, reid_data
+  if jax.process_index() != 0:
+    return {}
+  r = config.reid_data
+  base = reid_data.write_synthetic_market(
+      paths.market_root, num_train_ids=int(r.num_train_ids), num_test_ids=int(r.num_test_ids),
+      cams=int(r.cams), images_per_id_cam=int(r.images_per_id_cam),
+      cams_per_id=tuple(r.cams_per_id), num_distractors=int(r.num_distractors),
+      num_junk=int(r.num_junk), size=tuple(r.size), seed=int(r.seed))
+  counts = reid_data.read_manifest(base)["counts"]
+  _say(f"data: synthetic Market-1501 in {base} ({counts['train']} train / {counts['query']} "
+       f"query / {counts['gallery']} gallery images, + {counts['distractors']} distractors, "
+       f"{counts['junk']} junk)")
+  info = write_digits(config, paths.digits)
+  _say(f"data: long-tailed digits in {paths.digits} (train per class "
+       f"{info['train_counts']}, test {info['test_counts'][0]} per class)")
+
+  kw = pretrain_settings(config)
+  glyphs = _CountedGlyphs(pretrain.GlyphData(image_size=kw["image_size"], seed=kw["seed"]),
+                          kw["steps"])
+  try:
+    pretrain.pretrain_tiny_vit(paths.vit, data=glyphs, **kw)
+  finally:
+    glyphs.close()
+  meta = _read_json(pretrain.sidecar_path(paths.vit)) or {}
+  _say(f"data: tiny ViT pretrained on glyphs -> {paths.vit} (held-out glyph accuracy "
+       f"{100 * meta.get('eval_accuracy', float('nan')):.1f}%, chance "
+       f"{100 * meta.get('chance', float('nan')):.1f}%)")
+  return {"market": base, "digits": paths.digits, "vit": paths.vit}
+
+
+# ============================================================================ stage: clipreid
+
+
+def clipreid_config(config, paths: Paths) -> ml_collections.ConfigDict:
+  """`config.clipreid` with an empty data root pointed at the synthetic Market-1501."""
+  c = config.clipreid.copy_and_resolve_references()
+  if not c.data.root:
+    c.data.root = paths.market_root
+  return c
+
+
+def write_untrained_params(c, path: str) -> str:
+  """The randomly initialised CLIP that stage 2 starts from, as a full params file."""
+  from jaxprompt.convert.io import flatten, write_arrays
+  from jaxprompt.pipelines import clipreid
+  if c.model.clip_weights:
+    raise ValueError("the 'before' evaluation is for the tiny random CLIP; with "
+                     "model.clip_weights, evaluate the pretrained tower with --stage extract")
+  _, variables = clipreid.load_backbone(c)
+  tree = {"params": {"img": variables["params"]["img"]}}
+  if "batch_stats" in variables:
+    tree["batch_stats"] = {"img": variables["batch_stats"]["img"]}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_arrays(path, {k: np.asarray(v) for k, v in flatten(tree).items()})
+  return path
+
+
+def run_clipreid(config, paths: Paths) -> dict:
+  """Eval of the untrained model, then stage 1 -> stage 2 -> eval."""
+  from jaxprompt.pipelines import clipreid
+  c = clipreid_config(config, paths)
+
+  # Before: the pipeline's own eval stage on the random initialisation (same seed as the
+  # model stage 2 fine-tunes), in its own workdir so it never mixes with the trained run.
+  before_cfg = c.copy_and_resolve_references()
+  before_cfg.model.trained_params = write_untrained_params(c, paths.untrained_params)
+  _say("clipreid: evaluating the untrained (randomly initialised) CLIP")
+  before = clipreid.run(before_cfg, paths.clipreid_untrained, stage="eval")["eval"]
+
+  # After: the full two-stage run.
+  _say("clipreid: stage 1 (identity text tokens) and stage 2 (image tower)")
+  after = clipreid.run(c, paths.clipreid)["eval"]
+  return {"before": before, "after": after}
+
+
+# ============================================================================ stage: lpt
+
+
+def cls_config(sub, config, paths: Paths) -> ml_collections.ConfigDict:
+  """An LPT/linear sub-config with empty data and weight fields pointed at the demo files."""
+  c = sub.copy_and_resolve_references()
+  d = c.data
+  if d.dataset == "list" and not d.train_file:
+    d.root = paths.digits
+    d.train_file = os.path.join(paths.digits, "train.txt")
+    d.test_file = os.path.join(paths.digits, "test.txt")
+  if not c.model.tiny_random and not c.model.vit_weights:
+    c.model.vit_weights = paths.vit
+  return c
+
+
+def run_lpt(config, paths: Paths) -> dict:
+  """LPT phase 1 -> phase 2 -> eval, and the linear probe on the same frozen tower."""
+  from jaxprompt.pipelines import lpt, vpt
+  _say("lpt: phase 1 (shared prompt), phase 2 (group prompts)")
+  res_lpt = lpt.run(cls_config(config.lpt, config, paths), paths.lpt)["eval"]
+  _say("linear: linear probe on the frozen tower")
+  res_lin = vpt.run(cls_config(config.linear, config, paths), paths.linear)["eval"]
+  return {"lpt": res_lpt, "linear": res_lin}
+
+
+# ============================================================================ stage: report
+
+REID_KEYS = ("mAP", "R1", "R5", "R10")
+LT_KEYS = ("overall", "many", "medium", "few")
+
+
+def collect(paths: Paths) -> dict:
+  """Every sub-run's results file; names the stage to run for any that is missing."""
+  files = {
+      "clipreid_untrained": (os.path.join(paths.clipreid_untrained, "eval", "results.json"),
+                             "clipreid"),
+      "clipreid": (os.path.join(paths.clipreid, "eval", "results.json"), "clipreid"),
+      "linear": (os.path.join(paths.linear, "eval", "train", "results.json"), "lpt"),
+      "lpt_phase1": (os.path.join(paths.lpt, "eval", "phase1", "results.json"), "lpt"),
+      "lpt_phase2": (os.path.join(paths.lpt, "eval", "phase2", "results.json"), "lpt"),
+  }
+  out = {}
+  for key, (path, stage) in files.items():
+    res = _read_json(path)
+    if res is None:
+      raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first")
+    out[key] = res
+  return out
+
+
+def results_table(res: dict) -> str:
+  """One aligned (markdown) table: ReID rows with mAP/R1, long-tail rows with accuracies."""
+  header = ["task", "model", "mAP", "R1", "R5", "overall", "many", "medium", "few"]
+  rows = []
+  for key, name in (("clipreid_untrained", "CLIP-ReID, untrained (random init)"),
+                    ("clipreid", "CLIP-ReID, stage 1 + stage 2")):
+    r = res[key]
+    rows.append(["ReID", name, *(f"{100 * r[k]:.1f}" for k in ("mAP", "R1", "R5")),
+                 "", "", "", ""])
+  for key, name in (("linear", "linear probe (frozen ViT)"),
+                    ("lpt_phase1", "LPT phase 1 (shared prompt)"),
+                    ("lpt_phase2", "LPT phase 2 (shared + group)")):
+    r = res[key]
+    rows.append(["LT digits", name, "", "", "", *(f"{r[k]:.1f}" for k in LT_KEYS)])
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  right = [False, False] + [True] * (len(header) - 2)
+
+  def line(cells):
+    return "| " + " | ".join(str(c).rjust(w) if r else str(c).ljust(w)
+                             for c, w, r in zip(cells, widths, right)) + " |"
+
+  sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2))
+                       for w, r in zip(widths, right)) + "|"
+  return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def summary(res: dict) -> dict:
+  """The headline numbers (percent) and the two comparisons the job is meant to show."""
+  before, after = res["clipreid_untrained"], res["clipreid"]
+  lin, p2 = res["linear"], res["lpt_phase2"]
+  return {
+      "clipreid": {"before": {k: 100 * before[k] for k in REID_KEYS},
+                   "after": {k: 100 * after[k] for k in REID_KEYS},
+                   "num_query": after["num_query"], "num_gallery": after["num_gallery"]},
+      "longtail": {"linear": {k: lin[k] for k in LT_KEYS},
+                   "lpt_phase1": {k: res["lpt_phase1"][k] for k in LT_KEYS},
+                   "lpt_phase2": {k: p2[k] for k in LT_KEYS},
+                   "classes_per_bucket": p2["classes_per_bucket"]},
+      "checks": {"clipreid_map_gain": 100 * (after["mAP"] - before["mAP"]),
+                 "clipreid_r1_gain": 100 * (after["R1"] - before["R1"]),
+                 "lpt_few_gain_over_linear": p2["few"] - lin["few"],
+                 "lpt_overall_gain_over_linear": p2["overall"] - lin["overall"]},
+  }
+
+
+def _fmt_seconds(s: float) -> str:
+  m, sec = divmod(int(round(s)), 60)
+  return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
+  """The results table (printed and saved), results.json and the comparison plots."""
+  from jaxprompt.evaluation import longtail as lt_eval
+  from jaxprompt.evaluation import plots
+  res = collect(paths)
+  table = results_table(res)
+  out = summary(res)
+  out["size"] = config.size
+  timings = timings or _read_json(paths.timings) or {}
+  out["seconds"] = timings
+  if jax.process_index() != 0:
+    return out
+
+  cmc_path = os.path.join(paths.workdir, "cmc.png")
+  plots.plot_cmc({"untrained": res["clipreid_untrained"]["cmc"],
+                  "CLIP-ReID": res["clipreid"]["cmc"]}, cmc_path, ranks=20,
+                 title="CMC, synthetic Market-1501")
+  bucket_path = os.path.join(paths.workdir, "bucket_accuracy.png")
+  lt_eval.plot_bucket_accuracy(
+      {name: {k: res[key][k] / 100.0 for k in LT_KEYS}
+       for key, name in (("linear", "linear probe"), ("lpt_phase1", "LPT phase 1"),
+                         ("lpt_phase2", "LPT phase 2"))},
+      bucket_path, title="long-tailed digits (LPT buckets)")
+
+  total = sum(v for k, v in timings.items() if k in STAGES[:-1])
+  buckets = res["lpt_phase2"]["classes_per_bucket"]
+  notes = [
+      f"ReID: synthetic Market-1501, {res['clipreid']['num_query']} queries / "
+      f"{res['clipreid']['num_gallery']} gallery images, tiny random CLIP.",
+      f"LT digits: {sum(buckets.values())} classes ({buckets['many']} many, "
+      f"{buckets['medium']} medium, {buckets['few']} few), frozen ViT pretrained on glyphs; "
+      "accuracy in %.",
+  ]
+  if total:
+    notes.append("time: " + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in timings.items()
+                                      if k in STAGES[:-1]) + f" (total {_fmt_seconds(total)})")
+  where = [
+      f"results: {os.path.join(paths.workdir, 'results.md')} and results.json",
+      f"plots: {cmc_path}, {bucket_path},",
+      f"       {os.path.join(paths.clipreid, 'eval', 'ranked.png')} (ranked results),",
+      f"       {os.path.join(paths.lpt, 'eval', 'phase2', 'per_class_accuracy.png')}",
+      f"TensorBoard: tensorboard --logdir {paths.workdir}",
+  ]
+  text = "\n".join([f"jaxprompt default job (size '{config.size}')", "", table, ""]
+                   + notes)
+  with open(os.path.join(paths.workdir, "results.md"), "w") as f:
+    f.write(text + "\n")
+  _write_json(os.path.join(paths.workdir, "results.json"), out)
+  _say("\n" + text + "\n\n" + "\n".join(where))
+  return out
+
+
+# ============================================================================ the driver
+
+
+def run(config, workdir: str, stage: Optional[str] = None) -> dict:
+  """data -> clipreid -> lpt -> report; `stage` runs (or resumes) only that one."""
+  if stage is not None and stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; the default job has {STAGES}")
+  paths = Paths(workdir)
+  timings = dict(_read_json(paths.timings) or {})
+  results: dict[str, Any] = {}
+
+  def timed(name, fn):
+    t0 = time.perf_counter()
+    results[name] = fn(config, paths)
+    timings[name] = round(time.perf_counter() - t0, 1)
+    _write_json(paths.timings, timings)
+
+  # Data: the ReID set, the long-tailed digits and the pretrained tiny ViT.
+  if stage in (None, "data"):
+    timed("data", run_data)
+
+  # CLIP-ReID: the untrained model's eval, then stage 1, stage 2 and eval.
+  if stage in (None, "clipreid"):
+    timed("clipreid", run_clipreid)
+
+  # LPT (phase 1, phase 2) and the linear probe on the same frozen tower.
+  if stage in (None, "lpt"):
+    timed("lpt", run_lpt)
+
+  # One table from every sub-run's results file, plus the comparison plots.
+  if stage in (None, "report"):
+    results["report"] = run_report(config, paths, timings)
+  return results

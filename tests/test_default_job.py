@@ -1,0 +1,88 @@
+"""The default job (`python launch.py`) end to end at its reduced size, in a subprocess.
+
+Runs `configs/default.py:small` through launch.py exactly as `make run` runs the full size:
+synthetic Market-1501 -> CLIP-ReID (untrained eval, stage 1, stage 2, eval), long-tailed
+digits + pretrained tiny ViT -> LPT (phase 1, phase 2) and the linear probe, then the report.
+Every seed is fixed, so the margins below are stable; at this size training lifts CLIP-ReID's
+mAP by ~14 points and LPT's few-shot accuracy sits ~17 points above the linear probe's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxprompt import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device, as `make run` on a plain machine; the shared compilation cache.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("default_job"))
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
+                      "--config", os.path.join(ROOT, "configs", "default.py") + ":small",
+                      "--workdir", workdir],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return workdir, p.stdout
+
+
+def test_both_pipelines_complete_with_checkpoints_and_plots(job):
+  workdir, _ = job
+  for sub, stage in (("clipreid", "stage1"), ("clipreid", "stage2"), ("lpt", "phase1"),
+                     ("lpt", "phase2"), ("linear", "train")):
+    d = ckpt_lib.checkpoint_dir(os.path.join(workdir, sub), stage)
+    assert ckpt_lib.final_step(d), f"no final checkpoint of {sub}/{stage}"
+    # TensorBoard event files next to the metrics.
+    assert any(f.startswith("events.") for _, _, fs in os.walk(os.path.join(workdir, sub, stage))
+               for f in fs), f"no TensorBoard log in {sub}/{stage}"
+  assert os.path.isfile(os.path.join(workdir, "data", "Market-1501-v15.09.15", "synthetic.json"))
+  assert os.path.isfile(os.path.join(workdir, "data", "tiny_vit.npz"))
+  for rel in ("cmc.png", "bucket_accuracy.png", "clipreid/eval/cmc.png",
+              "clipreid/eval/ranked.png", "clipreid_untrained/eval/results.json",
+              "lpt/eval/phase2/per_class_accuracy.png", "linear/eval/train/results.json"):
+    assert os.path.getsize(os.path.join(workdir, rel)) > 0, rel
+
+
+def test_results_table_printed_and_saved(job):
+  workdir, stdout = job
+  md = open(os.path.join(workdir, "results.md")).read()
+  table = [l for l in md.splitlines() if l.startswith("|")]
+  assert len(table) == 2 + 5, md  # header, rule, 2 ReID rows, 3 long-tail rows
+  assert len({len(l) for l in table}) == 1, "table columns are not aligned"
+  for row in table:
+    assert row in stdout
+  assert stdout.count("| task ") == 1  # one table, printed once
+  assert "TensorBoard" in stdout and os.path.join(workdir, "results.md") in stdout
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  assert res["size"] == "small"
+  assert set(res["seconds"]) == {"data", "clipreid", "lpt"}
+
+
+def test_training_beats_baselines(job):
+  workdir, _ = job
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  before, after = res["clipreid"]["before"], res["clipreid"]["after"]
+  assert after["mAP"] > before["mAP"] + 5.0, (before, after)
+  assert after["R1"] > before["R1"] + 5.0, (before, after)
+  lin, lpt = res["longtail"]["linear"], res["longtail"]["lpt_phase2"]
+  assert lpt["few"] > lin["few"] + 5.0, (lin, lpt)
+  assert res["longtail"]["classes_per_bucket"] == {"many": 2, "medium": 4, "few": 4}
+
+
+def test_report_stage_reruns_alone(job):
+  workdir, _ = job
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
+                      "--config", os.path.join(ROOT, "configs", "default.py") + ":small",
+                      "--workdir", workdir, "--stage", "report"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-4000:]
+  assert "LPT phase 2" in p.stdout
