@@ -32,8 +32,8 @@ The untrained model scores about chance level (random ranking of a ~320-image ga
 Sizes: the argument after ':' picks `full` (default) or `small` (about 2m15s; the test).
 Any field can be overridden, e.g. `--config.clipreid.stage2.total_epochs=80` or
 `--config.lpt.phase2.optimizer.lr=0.05`; empty data / weight fields of the sub-configs are
-filled with what the `data` stage wrote. (List fields such as stage 2's lr milestones cannot
-be overridden from the command line; edit them here.)
+filled with what the `data` stage wrote. Tuple fields take tuples, e.g.
+`--config.clipreid.stage2.lr_schedule.milestones='(30, 45)'`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _clipreid(size: str) -> ml_collections.ConfigDict:
   t.width, t.layers, t.heads, t.patch_size = 64, 2, 4, 8
   t.embed_dim, t.text_width, t.text_heads, t.text_layers = 64, 32, 2, 1
   c.model.stride = 8
-  c.data.size = [64, 32]
+  c.data.size = (64, 32)
   c.data.workers = 2
   c.data.num_instances = 4
   c.stage1.batch_size = 64
@@ -67,7 +67,7 @@ def _clipreid(size: str) -> ml_collections.ConfigDict:
   c.stage2.batch_size = 64
   c.stage2.total_epochs = 40 if small else 60
   c.stage2.optimizer.lr = 3e-3
-  c.stage2.lr_schedule.milestones = [28, 36] if small else [40, 52]
+  c.stage2.lr_schedule.milestones = (28, 36) if small else (40, 52)
   c.stage2.lr_schedule.warmup_iters = 2
   for s in (c.stage1, c.stage2):
     s.log_every_steps = 5

@@ -169,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage2 = _stage(seed, prec, fsdp, epochs=60, batch_size=64, lr=5e-6, weight_decay=1e-4)
   c.stage2.optimizer.schedule = "warmup_multistep"
   c.stage2.lr_schedule = ml_collections.ConfigDict(dict(
-      milestones=[30, 50], gamma=0.1, warmup_factor=0.1, warmup_iters=10))
+      milestones=(30, 50), gamma=0.1, warmup_factor=0.1, warmup_iters=10))
   c.stage2.bias_lr_factor = 2.0
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -230,14 +230,14 @@ def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
     c.stage2.total_epochs = 60
     c.stage2.optimizer.weight_decay = 1e-4
     c.stage2.lr_schedule.warmup_factor = 0.1
-    c.stage2.lr_schedule.milestones = [30, 50]
+    c.stage2.lr_schedule.milestones = (30, 50)
     c.loss.id_weight = 1.0 if variant == "baseline" else 0.25
   else:
     c.stage2.optimizer.lr = 3.5e-4
     c.stage2.total_epochs = 120
     c.stage2.optimizer.weight_decay = 5e-4
     c.stage2.lr_schedule.warmup_factor = 0.01
-    c.stage2.lr_schedule.milestones = [40, 70]
+    c.stage2.lr_schedule.milestones = (40, 70)
     c.loss.id_weight = 1.0
   # Label smoothing is off for VehicleID-CNN and for both VehicleID baselines.
   ls_off = ds == "vehicleid" and (not vit or variant == "baseline")
