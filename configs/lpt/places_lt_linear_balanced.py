@@ -14,8 +14,4 @@ from jaxprompt.pipelines import vpt
 
 
 def get_config():
-  c = vpt.paper_config("places_lt", "linear")
-  c.model.head = "cosine"
-  c.data.sampling = "dual"
-  c.loss.kind = "agcl"
-  return c
+  return vpt.paper_config("places_lt", "linear", balanced=True)

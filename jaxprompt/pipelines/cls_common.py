@@ -97,7 +97,7 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
                  data_root: str = "", image_size: Optional[int] = None,
                  batch_size: Optional[int] = None, epochs: Optional[int] = None,
                  phase1_epochs: Optional[int] = None, phase2_epochs: Optional[int] = None,
-                 seed: int = 42) -> ml_collections.ConfigDict:
+                 seed: int = 42, balanced: bool = False) -> ml_collections.ConfigDict:
   """The reference recipe for (dataset, method); every field documented in `base_config`.
 
   Args:
@@ -116,9 +116,13 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
     image_size / batch_size / epochs: override the recipe (epochs sets every
       training stage; phase1_epochs / phase2_epochs set one). The learning rate
       is rescaled linearly with the batch (base lr at 256).
+    balanced: the "balanced sampling" rows of LPT's Table 1 for the VPT and linear
+      baselines: cosine head, dual (class-aware + instance-balanced) sampling, A-GCL.
   """
   name, ratio = parse_dataset(dataset, imbalance_ratio)
   c = base_config(method, seed=seed)
+  if balanced:
+    c.model.head, c.data.sampling, c.loss.kind = "cosine", "dual", "agcl"
   c.data.dataset = name
   c.data.root = data_root
   c.data.imbalance_ratio = ratio or 100
