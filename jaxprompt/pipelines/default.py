@@ -38,7 +38,6 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from PIL import Image
 
 STAGES = ("data", "clipreid", "lpt", "report")
@@ -81,7 +80,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _say(msg: str) -> None:
-  logging.info("%s", msg)
+  # Printed once, to stdout; the same text is also saved in results.md.
   if jax.process_index() == 0:
     print(msg, flush=True)
 
