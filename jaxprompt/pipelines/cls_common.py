@@ -204,7 +204,9 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   m.pool_size = 20            # LPT: number of group prompts / keys
   m.group_layers = 6          # LPT: the last K blocks carry group prompts
   m.top_k = 2                 # LPT: group prompts selected (and averaged) per image
-  m.dropout = 0.1             # on the final feature, training only
+  # Dropout on the final feature, training only: LPT's VPT_ViT has it (0.1); VPT's own
+  # code runs the backbone in eval mode and feeds the CLS feature straight to its Linear.
+  m.dropout = 0.1 if method == "lpt" else 0.0
   m.prompt_dropout = 0.1 if method == "vpt_deep" else 0.0  # VPT demo values; LPT none
   m.head = "cosine" if lpt else ("linear")
   m.prompt_init = "trunc_normal" if lpt else "vpt_uniform"

@@ -27,7 +27,10 @@ STAGES = ("train", "eval")
 METHODS = ("vpt_deep", "vpt_shallow", "linear")
 
 # The linear probe has no `prompt` subtree: its first rule then matches nothing.
-TRAIN_RULES = [("prompt/.*", Rule()), ("head/.*", Rule()), (".*", FREEZE)]
+# VPT's optimizer exempts the last layer's bias from weight decay (lpt.md 7); the
+# cosine head of the balanced rows has no bias, so that rule then matches nothing.
+TRAIN_RULES = [("prompt/.*", Rule()), ("head/bias", Rule(wd_mult=0.0)), ("head/.*", Rule()),
+               (".*", FREEZE)]
 
 
 def get_config(arg: Optional[str] = None):
