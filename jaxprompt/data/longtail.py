@@ -194,6 +194,14 @@ def load_cifar100_lt(root: Optional[PathLike], ratio: float, split: str = "train
 # ----------------------------------------------------------------------------- list files
 
 
+def _raise_missing(missing: list[str]) -> None:
+  """One error listing the first few listed-but-absent images (each with file:line)."""
+  if missing:
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise FileNotFoundError(f"{len(missing)} image(s) listed but not found{more}:\n  "
+                            + "\n  ".join(missing[:5]))
+
+
 def read_lt_list(list_file: PathLike, root: PathLike, *, num_classes: Optional[int] = None,
                  check_files: bool = True) -> List[LTRecord]:
   """Parse a `<relative path> <integer label>` list (Places-LT, ImageNet-LT, iNat txt).
@@ -224,10 +232,7 @@ def read_lt_list(list_file: PathLike, root: PathLike, *, num_classes: Optional[i
       if check_files and not os.path.isfile(path):
         missing.append(f"{list_file}:{lineno}: {path}")
       records.append(LTRecord(path, label))
-  if missing:
-    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-    raise FileNotFoundError(f"{len(missing)} image(s) listed but not found{more}:\n  "
-                            + "\n  ".join(missing[:5]))
+  _raise_missing(missing)
   return records
 
 
@@ -286,10 +291,7 @@ def load_inat2018_json(json_file: PathLike, root: PathLike, *, check_files: bool
     if check_files and not os.path.isfile(path):
       missing.append(f"{json_file}: images[{i}] {path}")
     records.append(LTRecord(path, label))
-  if missing:
-    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-    raise FileNotFoundError(f"{len(missing)} image(s) listed but not found{more}:\n  "
-                            + "\n  ".join(missing[:5]))
+  _raise_missing(missing)
   names = tuple(c.get("name", str(c["id"])) for c in sorted(ann["categories"],
                                                              key=lambda c: int(c["id"])))
   return LTDataset(records, len(cat_ids), names)
