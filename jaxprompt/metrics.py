@@ -109,6 +109,25 @@ class _BackgroundTensorBoard:
     self._thread.join()
 
 
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+  """Atomic JSON write (results, counts), from process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[Any]:
+  """The JSON in `path`, or None when there is no such file."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def read_jsonl(path: str) -> list[dict]:
   """All rows of a metrics.jsonl file (for tests and notebooks)."""
   with open(path) as f:

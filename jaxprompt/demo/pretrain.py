@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprompt import metrics as metrics_lib
 from jaxprompt.convert.io import write_arrays
 from jaxprompt.models.vit import ViT, ViTConfig
 
@@ -223,9 +224,7 @@ def pretrain_tiny_vit(out_path: str, *, data: Optional[PretrainData] = None, ste
   write_arrays(out_path, to_augreg(result["params"]["img"], result["config"],
                                    result["params"]["head"]))
   meta = {k: v for k, v in result.items() if k not in ("params", "config")}
-  with open(sidecar_path(out_path) + ".tmp", "w") as fh:
-    json.dump(meta, fh, indent=1)
-  os.replace(sidecar_path(out_path) + ".tmp", sidecar_path(out_path))
+  metrics_lib.write_json(sidecar_path(out_path), meta, indent=1)
   return os.fspath(out_path)
 
 

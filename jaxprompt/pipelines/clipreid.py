@@ -42,6 +42,7 @@ import numpy as np
 from absl import logging
 
 from jaxprompt import checkpoint as ckpt_lib
+from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import precision
 from jaxprompt import schedules
@@ -497,6 +498,15 @@ class Context:
 STAGE1_RULES = [("prompt/cls_ctx", Rule()), (".*", FREEZE)]
 
 
+def _save_cache(path: str, **arrays: np.ndarray) -> None:
+  """Atomic `.npz` of cached features, from process 0 (a killed run never leaves half a file)."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
   """(features (n, D), labels (n,)) of the pretrained tower on every train image.
 
@@ -519,11 +529,7 @@ def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
   fn = ctx.embed_fn("proj", SIESpec(False, False, 0.0, 1), int(ctx.config.eval.batch_size))
   logging.info("stage1: computing image features of %d train images", len(ds.train))
   feats = fn(fn.place(v), ds.train, ctx.decode(False)).astype(np.float32)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=feats, pids=pids, paths=paths)
-    os.replace(tmp, path)
+  _save_cache(path, features=feats, pids=pids, paths=paths)
   return feats, pids
 
 
@@ -673,7 +679,7 @@ def text_features_all(model: CLIP, txt_params, prompt: clipreid.TextPrompt, cls_
 def _check_identities(ctx: Context, num_ids: int) -> None:
   """Refuse a stage-1 checkpoint trained on other identities (spec 8, issue #14)."""
   reid_data.check_num_ids(num_ids, ctx.dataset)
-  saved = common.read_json(os.path.join(ctx.stage_dir("stage1"), "identity_map.json"))
+  saved = metrics_lib.read_json(os.path.join(ctx.stage_dir("stage1"), "identity_map.json"))
   if saved is not None and reid_data.IdentityMap.from_dict(saved) != ctx.dataset.id_map:
     raise ValueError(
         "identity mismatch: stage 1 was trained on a different set of identities than the "
@@ -702,7 +708,7 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
   dims = feature_dims(model, ctx.size)
   baseline = _baseline(config)
   if jax.process_index() == 0:
-    common.write_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json"),
+    metrics_lib.write_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json"),
                       {"num_ids": num_ids, "sie_num_views": sie.num_views,
                        "sie_num_cams": ds.num_train_cams, "identity_map": ds.id_map.to_dict()})
 
@@ -763,11 +769,7 @@ def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
                                       clipreid.template_for(ctx.dataset.name))
   feats = text_features_all(model, variables["params"]["txt"], prompt, cls_ctx,
                             chunk=int(ctx.config.stage2.batch_size))
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=feats, cls_ctx=cls_ctx)
-    os.replace(tmp, path)
+  _save_cache(path, features=feats, cls_ctx=cls_ctx)
   return feats
 
 
@@ -876,7 +878,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
   key = {"step": None if weights else _step_of_final(ctx.workdir), "weights": weights,
          "eval": e.to_dict()}
   if not force:
-    prev = common.read_json(results_path)
+    prev = metrics_lib.read_json(results_path)
     if prev is not None and prev.get("key") == key:
       logging.info("eval: results of this checkpoint already in %s", results_path)
       return prev
@@ -918,7 +920,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
                                 plot_dir=out_dir if e.plots else None, label=label, **opts)
     result.update(res)
   common.log_results(f"eval {label}{' (re-ranked)' if e.rerank else ''}", result)
-  common.write_json(results_path, result)
+  metrics_lib.write_json(results_path, result)
   return result
 
 
@@ -947,7 +949,7 @@ def run_extract(ctx: Context) -> dict:
       check_released(ctx, check_dataset=bool(ctx.config.data.root))
     v, origin = trained_image_model(ctx)
     meta = (None if released else
-            common.read_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json")))
+            metrics_lib.read_json(os.path.join(ctx.stage_dir("stage2"), "model_meta.json")))
     num_views = meta["sie_num_views"] if meta else None
     if num_views is None and not (ctx.config.model.sie_camera and ctx.config.model.sie_view):
       num_views = 1

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -28,6 +27,7 @@ import optax
 from absl import logging
 
 from jaxprompt import checkpoint as ckpt_lib
+from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import schedules
 from jaxprompt.data import longtail
@@ -580,10 +580,7 @@ def log_counts(workdir: str, params: Mapping, spec: lpt_model.PromptSpec) -> dic
   shapes = jax.eval_shape(lambda p: p, params)
   counts = lpt_model.parameter_counts(shapes, spec)
   logging.info("parameter counts (%s): %s", spec.method, counts)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "param_counts.json"), "w") as f:
-      json.dump(counts, f, indent=1)
+  metrics_lib.write_json(os.path.join(workdir, "param_counts.json"), counts, indent=1)
   return counts
 
 
@@ -639,10 +636,8 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
   if "indices" in res:
     result["prompt_usage"] = np.bincount(res["indices"].reshape(-1),
                                          minlength=int(config.model.pool_size)).tolist()
+  metrics_lib.write_json(os.path.join(out_dir, "results.json"), result, indent=1)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump(result, f, indent=1)
     np.save(os.path.join(out_dir, "predictions.npy"), res["pred"])
     if config.eval.plots:
       lt_eval.plot_per_class_accuracy(res["pred"], labels, train_counts,

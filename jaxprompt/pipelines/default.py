@@ -30,7 +30,6 @@ what the `data` stage wrote. Workdir layout:
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional
@@ -39,6 +38,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from jaxprompt import metrics as metrics_lib
 
 STAGES = ("data", "clipreid", "lpt", "report")
 
@@ -61,22 +62,6 @@ class Paths:
     self.lpt = os.path.join(workdir, "lpt")
     self.linear = os.path.join(workdir, "linear")
     self.timings = os.path.join(workdir, "timings.json")
-
-
-def _read_json(path: str) -> Optional[Any]:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def _say(msg: str) -> None:
@@ -133,7 +118,7 @@ def write_digits(config, out_dir: str) -> dict:
   settings = dict(imbalance=float(d.imbalance), seed=int(d.seed), size=int(d.image_size),
                   max_per_class=int(d.max_per_class), test_per_class=int(d.test_per_class))
   info_path = os.path.join(out_dir, "digits.json")
-  info = _read_json(info_path)
+  info = metrics_lib.read_json(info_path)
   if info is not None and info.get("settings") == settings:
     return info
   splits = lt_data.digits_longtail(**settings)
@@ -150,7 +135,7 @@ def write_digits(config, out_dir: str) -> dict:
   info = {"settings": settings, "class_names": list(splits.class_names),
           "train_counts": splits.class_counts.tolist(),
           "test_counts": splits.test.class_counts().tolist()}
-  _write_json(info_path, info)
+  metrics_lib.write_json(info_path, info)
   return info
 
 
@@ -180,7 +165,7 @@ def run_data(config, paths: Paths) -> dict:
     pretrain.pretrain_tiny_vit(paths.vit, data=glyphs, **kw)
   finally:
     glyphs.close()
-  meta = _read_json(pretrain.sidecar_path(paths.vit)) or {}
+  meta = metrics_lib.read_json(pretrain.sidecar_path(paths.vit)) or {}
   _say(f"data: tiny ViT pretrained on glyphs -> {paths.vit} (held-out glyph accuracy "
        f"{100 * meta.get('eval_accuracy', float('nan')):.1f}%, chance "
        f"{100 * meta.get('chance', float('nan')):.1f}%)")
@@ -276,7 +261,7 @@ def collect(paths: Paths) -> dict:
   }
   out = {}
   for key, (path, stage) in files.items():
-    res = _read_json(path)
+    res = metrics_lib.read_json(path)
     if res is None:
       raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first")
     out[key] = res
@@ -341,7 +326,7 @@ def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
   table = results_table(res)
   out = summary(res)
   out["size"] = config.size
-  timings = timings or _read_json(paths.timings) or {}
+  timings = timings or metrics_lib.read_json(paths.timings) or {}
   out["seconds"] = timings
   if jax.process_index() != 0:
     return out
@@ -380,7 +365,7 @@ def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
                    + notes)
   with open(os.path.join(paths.workdir, "results.md"), "w") as f:
     f.write(text + "\n")
-  _write_json(os.path.join(paths.workdir, "results.json"), out)
+  metrics_lib.write_json(os.path.join(paths.workdir, "results.json"), out)
   _say("\n" + text + "\n\n" + "\n".join(where))
   return out
 
@@ -393,14 +378,14 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; the default job has {STAGES}")
   paths = Paths(workdir)
-  timings = dict(_read_json(paths.timings) or {})
+  timings = dict(metrics_lib.read_json(paths.timings) or {})
   results: dict[str, Any] = {}
 
   def timed(name, fn):
     t0 = time.perf_counter()
     results[name] = fn(config, paths)
     timings[name] = round(time.perf_counter() - t0, 1)
-    _write_json(paths.timings, timings)
+    metrics_lib.write_json(paths.timings, timings)
 
   # Data: the ReID set, the long-tailed digits and the pretrained tiny ViT.
   if stage in (None, "data"):

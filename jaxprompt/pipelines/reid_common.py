@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -163,24 +162,6 @@ def evaluate_split(qf: np.ndarray, gf: np.ndarray, query, gallery, *, max_rank: 
                         os.path.join(plot_dir, "ranked.png"), topk=min(grid_topk, len(gallery)),
                         num_queries=nq)
   return out
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write from process 0."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> Optional[Any]:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def list_images(folder: str) -> list[str]:
