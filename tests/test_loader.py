@@ -68,3 +68,10 @@ def test_sampler_contract_and_errors():
   np.testing.assert_array_equal(s.epoch_indices(1), ShuffleSampler(10, seed=4).epoch_indices(1))
   with pytest.raises(ValueError, match="not divisible"):
     Loader([0, 1, 2], _decode, s, 3, process_index=0, process_count=2)
+
+
+def test_padded_sequential_sampler_keeps_order_and_pads_with_record_zero():
+  from jaxprompt.data.loader import PaddedSequentialSampler
+  np.testing.assert_array_equal(PaddedSequentialSampler(5, 4).epoch_indices(3),
+                                [0, 1, 2, 3, 4, 0, 0, 0])
+  np.testing.assert_array_equal(PaddedSequentialSampler(8, 4).epoch_indices(0), np.arange(8))

@@ -1,4 +1,5 @@
 """Data loading: the generic deterministic loader; readers and samplers build on it."""
-from jaxprompt.data.loader import Loader, SequentialSampler, ShuffleSampler, collate, sample_rng
+from jaxprompt.data.loader import (Loader, PaddedSequentialSampler, SequentialSampler,
+                                   ShuffleSampler, collate, sample_rng)
 
-__all__ = ["Loader", "SequentialSampler", "ShuffleSampler", "collate", "sample_rng"]
+__all__ = ["Loader", "PaddedSequentialSampler", "SequentialSampler", "ShuffleSampler", "collate", "sample_rng"]

@@ -42,6 +42,22 @@ class SequentialSampler:
     return np.arange(self.n)
 
 
+class PaddedSequentialSampler:
+  """Records in order, padded with record 0 up to a multiple of `batch_size`.
+
+  For inference: every batch keeps one shape (one compilation), and the caller
+  drops the padded rows (`n` onwards) from the outputs.
+  """
+
+  def __init__(self, n: int, batch_size: int):
+    self.n, self.batch_size = int(n), int(batch_size)
+
+  def epoch_indices(self, epoch: int) -> np.ndarray:
+    del epoch
+    pad = (-self.n) % self.batch_size
+    return np.concatenate([np.arange(self.n), np.zeros(pad, np.int64)]).astype(np.int64)
+
+
 class ShuffleSampler:
   """A fresh permutation per epoch, a pure function of (seed, epoch)."""
 

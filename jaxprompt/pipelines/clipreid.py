@@ -48,6 +48,7 @@ from jaxprompt import precision
 from jaxprompt import schedules
 from jaxprompt import sharding as shd
 from jaxprompt import trainer
+from jaxprompt.data import files as data_files
 from jaxprompt.data import reid as reid_data
 from jaxprompt.data import transforms
 from jaxprompt.data.loader import Loader
@@ -932,7 +933,7 @@ def run_extract(ctx: Context) -> dict:
   x = ctx.config.extract
   if not x.images or not x.out:
     raise ValueError("set extract.images (a folder) and extract.out (an .npz file)")
-  paths = common.list_images(x.images)
+  paths = data_files.list_images(x.images)
   released = bool(ctx.config.model.released_checkpoint)
   if x.source == "pretrained" and released:
     raise ValueError("extract.source='pretrained' embeds with the CLIP tower before "

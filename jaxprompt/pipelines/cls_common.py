@@ -30,8 +30,9 @@ from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import schedules
+from jaxprompt.data import files as data_files
 from jaxprompt.data import longtail
-from jaxprompt.data.loader import Loader, SequentialSampler, ShuffleSampler
+from jaxprompt.data.loader import Loader, PaddedSequentialSampler, ShuffleSampler
 from jaxprompt.data.lt_samplers import (ClassAwareSampler, InstanceBalancedSampler,
                                         ib_loss_weight, lpt_steps_per_epoch)
 from jaxprompt.data.lt_transforms import lpt_test_transform, make_lt_decode
@@ -42,6 +43,7 @@ from jaxprompt.models.vit import ViT, ViTConfig, load_vit
 from jaxprompt.trainer import stage_defaults
 
 DATASETS = ("places_lt", "cifar100_lt", "inat2018", "list", "synthetic")
+# predict_folder accepts every format PIL reads well, not only the datasets' own.
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # ============================================================== configuration
@@ -590,8 +592,7 @@ def log_counts(workdir: str, params: Mapping, spec: lpt_model.PromptSpec) -> dic
 def _batched(records: Sequence, decode, batch: int, workers: int) -> Iterator[tuple[dict, int]]:
   """Fixed-shape batches over all records (the last one padded with record 0): (batch, valid)."""
   n = len(records)
-  padded = list(records) + [records[0]] * ((-n) % batch)
-  loader = Loader(padded, decode, SequentialSampler(len(padded)), batch, seed=0,
+  loader = Loader(records, decode, PaddedSequentialSampler(n, batch), batch, seed=0,
                   workers=workers, process_index=0, process_count=1)
   for i, b in enumerate(loader.iterate(0)):
     yield b, min(batch, n - i * batch)
@@ -650,21 +651,11 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
   return result
 
 
-def list_images(folder: str) -> list[str]:
-  """Image files under `folder` (recursive), sorted."""
-  out = []
-  for root, _, files in os.walk(folder):
-    out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
-  if not out:
-    raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder}")
-  return sorted(out)
-
-
 def predict_folder(config, predict, params, folder: str, output: str,
                    class_names: Optional[Sequence[str]] = None) -> list[tuple[str, int]]:
   """Writes `<relative path>\\t<class id>[\\t<class name>]` per image of `folder`."""
   from jaxprompt.data.transforms import load_image
-  paths = list_images(folder)
+  paths = data_files.list_images(folder, IMAGE_EXTS)
   size, d = int(config.model.image_size), config.data
   resize = int(d.resize) or None
 

@@ -6,7 +6,6 @@
   CMC curve and ranked-results grid PNGs.
 * `epoch_schedule`: an optax schedule from a per-epoch lr function, following the loader's
   actual epoch lengths (P x K samplers give epochs of slightly different lengths).
-* `list_images`: the images under a folder, for feature extraction.
 """
 from __future__ import annotations
 
@@ -19,28 +18,15 @@ import numpy as np
 from absl import logging
 
 from jaxprompt import sharding as shd
-from jaxprompt.data.loader import Loader
+from jaxprompt.data.loader import Loader, PaddedSequentialSampler
 from jaxprompt.evaluation import plots
 from jaxprompt.evaluation import reid as reid_eval
 from jaxprompt.evaluation.reranking import re_ranking
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------
 # Batched, jitted extraction
-
-
-class _PaddedSequential:
-  """Records in order, padded with record 0 up to a multiple of the batch size."""
-
-  def __init__(self, n: int, batch_size: int):
-    self.n, self.batch_size = int(n), int(batch_size)
-
-  def epoch_indices(self, epoch: int) -> np.ndarray:
-    del epoch
-    pad = (-self.n) % self.batch_size
-    return np.concatenate([np.arange(self.n), np.zeros(pad, np.int64)]).astype(np.int64)
 
 
 def round_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -81,7 +67,7 @@ class BatchedApply:
     n = len(records)
     if n == 0:
       raise ValueError("no records to run the model on")
-    loader = Loader(records, decode, _PaddedSequential(n, self.batch_size), self.batch_size,
+    loader = Loader(records, decode, PaddedSequentialSampler(n, self.batch_size), self.batch_size,
                     seed=0, workers=self.workers)
     outs = []
     with jax.set_mesh(self.mesh):
@@ -162,19 +148,6 @@ def evaluate_split(qf: np.ndarray, gf: np.ndarray, query, gallery, *, max_rank: 
                         os.path.join(plot_dir, "ranked.png"), topk=min(grid_topk, len(gallery)),
                         num_queries=nq)
   return out
-
-
-def list_images(folder: str) -> list[str]:
-  """Image files under `folder` (recursive), sorted by relative path."""
-  folder = os.path.expanduser(folder)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"image folder not found: {folder}")
-  out = []
-  for d, _, files in os.walk(folder):
-    out.extend(os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTS))
-  if not out:
-    raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {folder}")
-  return sorted(out, key=lambda p: os.path.relpath(p, folder))
 
 
 def log_results(name: str, res: Mapping[str, Any]) -> str:
