@@ -21,29 +21,17 @@ open_clip_model = pytest.importorskip("open_clip.model")
 from jaxprompt.convert import openai_clip  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError  # noqa: E402
 from jaxprompt.models.clip import load_clip  # noqa: E402
+from torch_fixtures import close as _close  # noqa: E402
+from torch_fixtures import images as _images  # noqa: E402
+from torch_fixtures import nchw as _nchw  # noqa: E402
+from torch_fixtures import randomise as _randomise  # noqa: E402
+from torch_fixtures import resize_pos as _resize_pos  # noqa: E402
 
 TOL = 1e-4
 CTX, VOCAB = 16, 100
 TEXT_CFG = dict(context_length=CTX, vocab_size=VOCAB, width=128, heads=2, layers=2)
 VIT_CFG = dict(layers=3, width=128, patch_size=16, image_size=64)  # 2 heads, 4x4 grid
 RN_CFG = dict(layers=(1, 1, 1, 1), width=16, image_size=64)  # attnpool: 512 wide, 8 heads, 2x2
-
-
-def _randomise(model, seed: int):
-  """Random weights everywhere, including biases that torch initialises to 0 and BN stats."""
-  g = torch.Generator().manual_seed(seed)
-  rand = lambda p: torch.randn(p.shape, generator=g)
-  with torch.no_grad():
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-      if not p.dtype.is_floating_point or name.endswith("attn_mask") or name == "logit_scale":
-        continue
-      if name.endswith("running_var"):
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
-      elif name.endswith(("running_mean", "bias")):
-        p.copy_(0.1 * rand(p))
-      elif p.ndim == 1 and name.endswith("weight"):  # LayerNorm / BatchNorm scales
-        p.copy_(1.0 + 0.2 * rand(p))
-  return model.eval()
 
 
 def _build(vision_cfg, seed):
@@ -68,14 +56,6 @@ def _apply(model, variables, *args, **kwargs):
   return fn(variables, *args, **kwargs)
 
 
-def _images(b, h, w, seed=0):
-  return np.random.RandomState(seed).randn(b, h, w, 3).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 def _token_ids(seed=0):
   """SOT ... EOT then zero padding; EOT (the largest id) at different positions."""
   rs = np.random.RandomState(seed)
@@ -85,14 +65,6 @@ def _token_ids(seed=0):
     ids[i, 1:n - 1] = rs.randint(1, VOCAB - 2, n - 2)
     ids[i, n - 1] = VOCAB - 1
   return ids
-
-
-def _close(ours, ref, tol=TOL):
-  ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  err = float(np.abs(ours - ref).max())
-  assert err <= tol, f"max abs diff {err} > {tol} (reference scale {np.abs(ref).max():.3g})"
 
 
 # -- torch references for CLIP-ReID's intermediate features ------------------------------------
@@ -122,14 +94,6 @@ def _torch_rn_features(visual, x):
   x3 = visual.layer3(t)
   x4 = visual.layer4(x3)
   return {"last": x3.mean((2, 3)), "final": x4.mean((2, 3)), "proj": visual.attnpool(x4)}
-
-
-def _resize_pos(pe, grid):
-  """CLIP-ReID's resize: keep row 0, bilinear (align_corners=False) on the rest."""
-  g = round((pe.shape[0] - 1) ** 0.5)
-  rest = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-  rest = torch.nn.functional.interpolate(rest, size=grid, mode="bilinear", align_corners=False)
-  return torch.cat([pe[:1], rest.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
 
 # -- tests ------------------------------------------------------------------------------------

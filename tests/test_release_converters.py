@@ -25,10 +25,14 @@ from jaxprompt.convert import clipreid_ckpt, lpt_ckpt  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError  # noqa: E402
 from jaxprompt.models import clipreid  # noqa: E402
 from jaxprompt.tokenizer import tokenize  # noqa: E402
-from release_fixtures import heads as _heads  # noqa: E402
-from release_fixtures import lpt_torch as _lpt_torch  # noqa: E402
-from release_fixtures import randomise as _randomise  # noqa: E402
-from release_fixtures import resize_pos as _resize_pos  # noqa: E402
+from torch_fixtures import clipreid_vit_state_dict  # noqa: E402
+from torch_fixtures import close as _close  # noqa: E402
+from torch_fixtures import heads as _heads  # noqa: E402
+from torch_fixtures import images as _images  # noqa: E402
+from torch_fixtures import lpt_torch as _lpt_torch  # noqa: E402
+from torch_fixtures import nchw as _nchw  # noqa: E402
+from torch_fixtures import randomise as _randomise  # noqa: E402
+from torch_fixtures import resize_pos as _resize_pos  # noqa: E402
 
 TOL = 1e-4
 NUM_IDS, NUM_CAMS, SIE_COE = 5, 6, 1.0
@@ -36,22 +40,6 @@ TEXT_CFG = dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=
 VIT_CFG = dict(layers=3, width=128, patch_size=16, image_size=64)
 RN_CFG = dict(layers=(1, 1, 1, 1), width=16, image_size=64)
 H, W = 256, 128
-
-
-def _images(b, h, w, seed=0):
-  return np.random.RandomState(seed).randn(b, h, w, 3).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def _close(ours, ref, tol=TOL):
-  ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  err = float(np.abs(ours - ref).max())
-  assert err <= tol, f"max abs diff {err} > {tol} (reference scale {np.abs(ref).max():.3g})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,31 +53,11 @@ def _jit(model):
 @pytest.fixture(scope="module")
 def clipreid_vit():
   """A CLIP-ReID ViT run at 256x128, stride 12, camera SIE: the torch parts and its state dict."""
-  torch.manual_seed(0)
-  clip = _randomise(open_clip_model.CLIP(64, VIT_CFG, TEXT_CFG, quick_gelu=True), 0)
-  visual = copy.deepcopy(clip.visual)
-  grid = ((H - 16) // 12 + 1, (W - 16) // 12 + 1)
-  visual.conv1.stride = (12, 12)
-  with torch.no_grad():
-    visual.positional_embedding = torch.nn.Parameter(
-        _resize_pos(visual.positional_embedding, grid))
-  heads = _heads(128, 64, 1)
-  g = torch.Generator().manual_seed(2)
-  cls_ctx = 0.02 * torch.randn(NUM_IDS, 4, 128, generator=g)
-  cv_embed = 0.02 * torch.randn(NUM_CAMS, 128, generator=g)
-  ids = torch.from_numpy(tokenize([clipreid.TEMPLATES["person"]]).astype(np.int64))
-  with torch.no_grad():
-    emb = clip.token_embedding(ids)
-  sd = {f"image_encoder.{k}": v for k, v in visual.state_dict().items()}
-  for k, v in clip.state_dict().items():
-    if k.startswith(("transformer.", "ln_final.")) or k in ("positional_embedding",
-                                                            "text_projection"):
-      sd[f"text_encoder.{k}"] = v
-  sd.update({"prompt_learner.cls_ctx": cls_ctx, "prompt_learner.token_prefix": emb[:, :5],
-             "prompt_learner.token_suffix": emb[:, 9:], "cv_embed": cv_embed})
-  for name, m in heads.items():
-    sd.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
-  return dict(clip=clip, visual=visual, heads=heads, sd=sd, grid=grid)
+  sd, parts = clipreid_vit_state_dict(
+      image_size=(H, W), stride=12, num_ids=NUM_IDS, num_cams=NUM_CAMS, width=128,
+      layers=VIT_CFG["layers"], patch=VIT_CFG["patch_size"], embed_dim=64,
+      text_width=TEXT_CFG["width"], text_layers=TEXT_CFG["layers"], sie_std=0.02, seed=0)
+  return dict(parts, sd=sd)
 
 
 @torch.no_grad()

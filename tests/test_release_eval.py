@@ -1,6 +1,6 @@
 """Evaluating the authors' released checkpoints through the pipelines (`--stage eval`).
 
-Tiny checkpoints in the authors' naming (see release_fixtures) are saved as `.pth`,
+Tiny checkpoints in the authors' naming (see torch_fixtures) are saved as `.pth`,
 evaluated by `clipreid.run` / `lpt.run` with `model.released_checkpoint`, and the
 reported numbers are checked against features and predictions computed directly
 from the converted params.
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip.model")
 pytest.importorskip("timm.models.vision_transformer")
 
-import release_fixtures  # noqa: E402
+import torch_fixtures  # noqa: E402
 from test_clipreid_pipeline import TRAIN_IDS, make_market  # noqa: E402
 
 from jaxprompt.convert import clipreid_ckpt, lpt_ckpt  # noqa: E402
@@ -43,7 +43,7 @@ def market(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clipreid_pth(tmp_path_factory):
-  sd, _ = release_fixtures.clipreid_vit_state_dict(image_size=SIZE, stride=STRIDE,
+  sd, _ = torch_fixtures.clipreid_vit_state_dict(image_size=SIZE, stride=STRIDE,
                                                    num_ids=len(TRAIN_IDS), num_cams=NUM_CAMS)
   path = tmp_path_factory.mktemp("ckpt") / "Market1501_clipreid_12x12sie_ViT-B-16_60.pth"
   # Saved from DataParallel, as the released files are.
@@ -163,7 +163,7 @@ TRAIN_COUNTS = (130, 60, 25, 8, 2)  # many / medium / medium / few / few (LPT bu
 
 @pytest.fixture(scope="module")
 def lpt_pth(tmp_path_factory):
-  _, _, sd = release_fixtures.lpt_torch(depth=DEPTH, prompt_length=T, pool=POOL,
+  _, _, sd = torch_fixtures.lpt_torch(depth=DEPTH, prompt_length=T, pool=POOL,
                                         group_layers=G, num_classes=C, width=WIDTH,
                                         img_size=IMG, patch=PATCH, heads=1)
   path = tmp_path_factory.mktemp("lpt_ckpt") / "LPT_places.pth"

@@ -1,5 +1,7 @@
-"""Tiny torch models saved under the authors' names (CLIP-ReID, LPT), shared by tests.
+"""Tiny torch reference models and comparison helpers shared by the parity tests.
 
+`randomise`, `resize_pos`, `images`, `nchw` and `close` serve every torch parity test.
+The rest builds tiny models saved under the authors' names:
 CLIP-ReID (Syliz517/CLIP-ReID `make_model_clipreid.py`): `image_encoder.*` (CLIP's
 visual tower with the position embedding resized to the training grid),
 `text_encoder.*`, `prompt_learner.{cls_ctx, token_prefix, token_suffix}`,
@@ -33,6 +35,25 @@ def randomise(model, seed: int):
   return model.eval()
 
 
+def images(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+  """Random NHWC float32 images."""
+  return np.random.RandomState(seed).randn(b, h, w, 3).astype(np.float32)
+
+
+def nchw(x: np.ndarray):
+  """NHWC numpy -> NCHW torch tensor."""
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def close(ours, ref, tol: float = 1e-4) -> None:
+  """Max abs difference of `ours` (jax/numpy) and `ref` (torch/numpy) within `tol`."""
+  ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
+  ours = np.asarray(ours, np.float32)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  err = float(np.abs(ours - ref).max())
+  assert err <= tol, f"max abs diff {err} > {tol} (reference scale {np.abs(ref).max():.3g})"
+
+
 def resize_pos(pe, grid):
   """CLIP-ReID's `resize_pos_embed`: row 0 kept, bilinear (align_corners=False) on the rest."""
   g = round((pe.shape[0] - 1) ** 0.5)
@@ -58,9 +79,9 @@ def heads(in_planes: int, proj_dim: int, seed: int, num_ids: int = 5) -> dict:
 def clipreid_vit_state_dict(*, image_size, stride: int, num_ids: int, num_cams: int = 0,
                             width: int = 64, layers: int = 2, patch: int = 16,
                             embed_dim: int = 32, text_width: int = 64, text_layers: int = 1,
-                            seed: int = 0) -> tuple[dict, dict]:
+                            sie_std: float = 0.5, seed: int = 0) -> tuple[dict, dict]:
   """A random CLIP-ReID ViT state dict (torch tensors) trained "at" `image_size` / `stride`,
-  with a camera SIE table of `num_cams` rows when `num_cams > 0`.
+  with a camera SIE table of `num_cams` rows (N(0, sie_std)) when `num_cams > 0`.
 
   Returns (state_dict, parts) with parts {'clip', 'visual', 'heads', 'grid'}.
   """
@@ -93,8 +114,9 @@ def clipreid_vit_state_dict(*, image_size, stride: int, num_ids: int, num_cams: 
              "prompt_learner.token_prefix": emb[:, :5],
              "prompt_learner.token_suffix": emb[:, 9:]})
   if num_cams:
-    # Large enough to move the features visibly (the reference's lambda is 1 or 3).
-    sd["cv_embed"] = 0.5 * torch.randn(num_cams, width, generator=g)
+    # The default is large enough to move the features visibly (the reference's lambda is
+    # 1 or 3); the reference initialises it at 0.02.
+    sd["cv_embed"] = sie_std * torch.randn(num_cams, width, generator=g)
   for name, m in mods.items():
     sd.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
   return sd, dict(clip=clip, visual=visual, heads=mods, grid=grid)
