@@ -102,9 +102,15 @@ class Loader:
       raise ValueError(f"global batch size {batch_size} is not divisible by the "
                        f"{self.process_count} processes")
     self.local_batch_size = self.batch_size // self.process_count
+    self._steps: dict[int, int] = {}
 
   def steps_per_epoch(self, epoch: int = 0) -> int:
-    return len(self.sampler.epoch_indices(epoch)) // self.batch_size
+    # Asked for every epoch by the stage length, the lr schedule and the loop; an identity
+    # sampler's epoch takes seconds to draw at VehicleID's size, so draw it once for this.
+    # Samplers are pure functions of (seed, epoch), so the count cannot go stale.
+    if epoch not in self._steps:
+      self._steps[epoch] = len(self.sampler.epoch_indices(epoch)) // self.batch_size
+    return self._steps[epoch]
 
   def _local_positions(self, batch: int) -> range:
     start = batch * self.batch_size + self.process_index * self.local_batch_size
