@@ -87,7 +87,7 @@ def main(argv) -> None:
   init_distributed()
 
   import jax
-  from jaxprompt import pipelines, trainer
+  from jaxprompt import methods, trainer
 
   config = FLAGS.config
   if "pipeline" not in config:
@@ -100,7 +100,7 @@ def main(argv) -> None:
   logging.info("jaxprompt: pipeline %s, workdir %s, %d processes, %d devices (%s)",
                config.pipeline, workdir, jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  module = pipelines.get(config.pipeline)
+  module = methods.get(config.pipeline)
   try:
     module.run(config, workdir, stage=FLAGS.stage)
   except trainer.Preempted as e:

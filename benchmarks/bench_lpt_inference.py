@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxprompt.models import lpt as lpt_model  # noqa: E402
+from jaxprompt.lpt import model as lpt_model  # noqa: E402
 from jaxprompt.models.vit import ViT, ViTConfig  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: `jaxprompt.evaluation.reid.evaluate` against a per-query numpy loop.
+"""Benchmark: `jaxprompt.clipreid.ranking.evaluate` against a per-query numpy loop.
 
 Market-1501's test split is simulated: 750 identities over 6 cameras, 3,368 queries,
 15,913 gallery images of which 2,793 are pid-0 distractors, 256-d features that
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxprompt.evaluation.reid import euclidean_squared, evaluate, evaluate_features  # noqa: E402
+from jaxprompt.clipreid.ranking import euclidean_squared, evaluate, evaluate_features  # noqa: E402
 
 
 def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):

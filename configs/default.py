@@ -5,7 +5,7 @@
   python launch.py --stage report                         # print the table again
 
 Offline, from self-built data, through the same readers, samplers, steps, checkpoints and
-evaluators as the paper configs (see `jaxprompt/pipelines/default.py` for the stages):
+evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
 
 * re-identification: a synthetic set in Market-1501's exact layout and naming (100 train /
   30 test identities, 6 cameras, 64x32 images) and CLIP-ReID with a tiny randomly initialised
@@ -41,7 +41,8 @@ from typing import Optional
 
 import ml_collections
 
-from jaxprompt.pipelines import clipreid, cls_common
+from jaxprompt.clipreid import train as clipreid
+from jaxprompt.lpt import common as cls_common
 
 SIZES = ("full", "small")
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 from jaxprompt import optim
 from jaxprompt import trainer
-from jaxprompt.pipelines import clipreid
-from jaxprompt.pipelines import reid_common
+from jaxprompt.clipreid import train as clipreid
+from jaxprompt.clipreid import evaluate as reid_common
 
 TRAIN_IDS = (2, 7, 11, 15, 23, 42)
 TEST_IDS = (101, 102, 103, 104)
@@ -199,7 +199,7 @@ def test_losses_go_down_on_a_fixed_batch(market):
   batch = _fixed_batch(ctx)
 
   # Stage 1: cls_ctx only, on cached-style features.
-  from jaxprompt.models import clipreid as m
+  from jaxprompt.clipreid import model as m
   prompt = m.build_text_prompt(model, {"params": {"txt": v["params"]["txt"]}},
                                m.template_for("market1501"))
   feats = model.apply({"params": {"img": v["params"]["img"]}}, batch["image"],

@@ -24,11 +24,11 @@ from jaxprompt import optim
 from jaxprompt import tokenizer
 from jaxprompt import trainer
 from jaxprompt.convert.io import flatten
-from jaxprompt.data import transforms
-from jaxprompt.data.samplers import IdentitySampler, RandomSampler
+from jaxprompt.clipreid import transforms
+from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
 from jaxprompt.models import layers
 from jaxprompt.models.clip import CLIP
-from jaxprompt.pipelines import clipreid
+from jaxprompt.clipreid import train as clipreid
 
 PERSON_TEMPLATE = "A photo of a X X X X person."
 STAGE1_BATCH = 5  # does not divide the 24 training images: the last batch is partial

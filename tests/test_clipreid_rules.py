@@ -10,10 +10,10 @@ import pytest
 
 from jaxprompt import optim
 from jaxprompt import schedules
-from jaxprompt.models import clipreid as m
+from jaxprompt.clipreid import model as m
 from jaxprompt.models.clip import CLIP, CLIPConfig
-from jaxprompt.pipelines import clipreid
-from jaxprompt.pipelines import reid_common
+from jaxprompt.clipreid import train as clipreid
+from jaxprompt.clipreid import evaluate as reid_common
 
 PERSON = ("market1501", "msmt17", "dukemtmc", "occ_duke")
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprompt.data.reid import read_market1501
+from jaxprompt.clipreid.data import read_market1501
 from jaxprompt.demo import lt_data, pretrain, reid_data
-from jaxprompt.evaluation.longtail import shot_buckets
+from jaxprompt.lpt.evaluate import shot_buckets
 from jaxprompt.models.vit import ViT, load_vit
 
 MARKET_NAME = re.compile(r"^(-1|\d{4})_c([1-6])s\d_\d{6}_\d{2}\.jpg$")

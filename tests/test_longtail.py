@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprompt.data import longtail as lt
-from jaxprompt.data import lt_samplers as ls
-from jaxprompt.evaluation import longtail as ev
+from jaxprompt.lpt import data as lt
+from jaxprompt.lpt import samplers as ls
+from jaxprompt.lpt import evaluate as ev
 
 # ----------------------------------------------------------------------------- evaluation
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprompt.losses import lpt
+from jaxprompt.lpt import losses as lpt
 
 torch = pytest.importorskip("torch")
 

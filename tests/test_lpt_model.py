@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprompt.losses.lpt import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
-from jaxprompt.models import lpt as lpt_model
+from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
+from jaxprompt.lpt import model as lpt_model
 from jaxprompt.models.vit import ViT, ViTConfig
-from jaxprompt.pipelines import cls_common
+from jaxprompt.lpt import common as cls_common
 
 DEPTH, WIDTH, GROUP, POOL, T, C = 4, 64, 2, 5, 3, 7
 

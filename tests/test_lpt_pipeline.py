@@ -11,7 +11,9 @@ from PIL import Image
 
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import optim
-from jaxprompt.pipelines import cls_common, lpt, vpt
+from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import train as lpt
+from jaxprompt.lpt import baselines as vpt
 
 TINY = dict(width=64, depth=3, heads=1, mlp_dim=128, patch=4)
 
@@ -121,7 +123,7 @@ def test_paper_configs():
 
 
 def test_lt_transforms_shapes_and_determinism():
-  from jaxprompt.data.lt_transforms import lpt_test_transform, lpt_train_transform
+  from jaxprompt.lpt.transforms import lpt_test_transform, lpt_train_transform
   img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
   a = lpt_train_transform(img, np.random.default_rng(1), 16)
   b = lpt_train_transform(img, np.random.default_rng(1), 16)

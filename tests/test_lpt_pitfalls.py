@@ -14,11 +14,13 @@ from scipy.special import erf
 
 from jaxprompt import optim
 from jaxprompt import trainer as trainer_lib
-from jaxprompt.data import lt_samplers as ls
-from jaxprompt.evaluation import longtail as lt_eval
-from jaxprompt.losses.lpt import agcl_loss
-from jaxprompt.models import lpt as lpt_model
-from jaxprompt.pipelines import cls_common, lpt, vpt
+from jaxprompt.lpt import samplers as ls
+from jaxprompt.lpt import evaluate as lt_eval
+from jaxprompt.lpt.losses import agcl_loss
+from jaxprompt.lpt import model as lpt_model
+from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import train as lpt
+from jaxprompt.lpt import baselines as vpt
 
 TINY = dict(width=64, depth=4, heads=2, mlp_dim=128, patch=4)
 GROUP = 2
@@ -152,7 +154,7 @@ def test_normalisation_and_square_eval_resize():
   c = lpt.paper_config("places_lt", "lpt", vit_weights="/w.npz")
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)  # wide: aspect matters
-  from jaxprompt.data.longtail import LTRecord
+  from jaxprompt.lpt.data import LTRecord
   out = cls_common.decode_fn(c, train=False)(LTRecord(img, 3), None)
   assert out["label"] == 3 and out["image"].shape == (224, 224, 3)
   sq = np.asarray(Image.fromarray(img).resize((256, 256), Image.BILINEAR), np.float32)

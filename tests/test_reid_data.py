@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprompt.data import reid
-from jaxprompt.data.reid import IdentityMap, ReIDRecord, build_reid_dataset, check_num_ids
-from jaxprompt.data.samplers import IdentitySampler, RandomSampler
+from jaxprompt.clipreid import data as reid
+from jaxprompt.clipreid.data import IdentityMap, ReIDRecord, build_reid_dataset, check_num_ids
+from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
 
 
 def _jpeg_bytes() -> bytes:
@@ -452,7 +452,7 @@ def test_random_sampler():
 
 def test_sampler_and_decode_through_the_loader(tmp_path):
   loader_mod = pytest.importorskip("jaxprompt.data.loader")
-  from jaxprompt.data.transforms import make_reid_decode
+  from jaxprompt.clipreid.transforms import make_reid_decode
   for pid in range(6):
     _touch(tmp_path / "train" / str(pid), [f"{pid % 3}_{j}.jpg" for j in range(3)])
   _touch(tmp_path / "query" / "0", ["0_q.jpg"])

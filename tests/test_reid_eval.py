@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jaxprompt.evaluation.reid as reid
-from jaxprompt.evaluation.plots import HIT, MISS, QUERY, plot_cmc, ranked_grid
-from jaxprompt.evaluation.reid import (euclidean_squared, evaluate, evaluate_features,
+import jaxprompt.clipreid.ranking as reid
+from jaxprompt.clipreid.plots import HIT, MISS, QUERY, plot_cmc, ranked_grid
+from jaxprompt.clipreid.ranking import (euclidean_squared, evaluate, evaluate_features,
                                        l2_normalize, rank_matches)
-from jaxprompt.evaluation.reranking import re_ranking, re_ranking_blocks
+from jaxprompt.clipreid.reranking import re_ranking, re_ranking_blocks
 
 
 def loop_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jaxprompt.losses import (batch_hard_triplet, cross_entropy_label_smooth,
+from jaxprompt.clipreid.losses import (batch_hard_triplet, cross_entropy_label_smooth,
                               i2t_cross_entropy, supcon)
 
 TOL = 1e-5

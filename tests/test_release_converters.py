@@ -21,9 +21,10 @@ torch = pytest.importorskip("torch")
 open_clip_model = pytest.importorskip("open_clip.model")
 timm_vit_mod = pytest.importorskip("timm.models.vision_transformer")
 
-from jaxprompt.convert import clipreid_ckpt, lpt_ckpt  # noqa: E402
+from jaxprompt.clipreid import released as clipreid_ckpt
+from jaxprompt.lpt import released as lpt_ckpt  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError  # noqa: E402
-from jaxprompt.models import clipreid  # noqa: E402
+from jaxprompt.clipreid import model as clipreid  # noqa: E402
 from jaxprompt.tokenizer import tokenize  # noqa: E402
 from torch_fixtures import clipreid_vit_state_dict  # noqa: E402
 from torch_fixtures import close as _close  # noqa: E402

@@ -23,13 +23,17 @@ pytest.importorskip("timm.models.vision_transformer")
 import torch_fixtures  # noqa: E402
 from test_clipreid_pipeline import TRAIN_IDS, make_market  # noqa: E402
 
-from jaxprompt.convert import clipreid_ckpt, lpt_ckpt  # noqa: E402
-from jaxprompt.data import reid as reid_data  # noqa: E402
-from jaxprompt.data import transforms  # noqa: E402
-from jaxprompt.evaluation import longtail as lt_eval  # noqa: E402
-from jaxprompt.evaluation import reid as reid_eval  # noqa: E402
-from jaxprompt.models import clipreid as clipreid_model  # noqa: E402
-from jaxprompt.pipelines import clipreid, cls_common, lpt, vpt  # noqa: E402
+from jaxprompt.clipreid import released as clipreid_ckpt
+from jaxprompt.lpt import released as lpt_ckpt  # noqa: E402
+from jaxprompt.clipreid import data as reid_data  # noqa: E402
+from jaxprompt.clipreid import transforms  # noqa: E402
+from jaxprompt.lpt import evaluate as lt_eval  # noqa: E402
+from jaxprompt.clipreid import ranking as reid_eval  # noqa: E402
+from jaxprompt.clipreid import model as clipreid_model  # noqa: E402
+from jaxprompt.clipreid import train as clipreid
+from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import train as lpt
+from jaxprompt.lpt import baselines as vpt  # noqa: E402
 
 # -- CLIP-ReID -----------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprompt.data import transforms as T
+from jaxprompt.clipreid import transforms as T
 
 torch = pytest.importorskip("torch")
 tvT = pytest.importorskip("torchvision.transforms")
@@ -187,7 +187,7 @@ def test_load_image_errors_name_the_path(tmp_path):
 
 
 def test_make_reid_decode(tmp_path):
-  from jaxprompt.data.reid import ReIDRecord
+  from jaxprompt.clipreid.data import ReIDRecord
   p = tmp_path / "0001_c1s1_000001_00.jpg"
   _img(64, 32).save(p)
   rec = ReIDRecord(str(p), 3, 1, -1, 1)

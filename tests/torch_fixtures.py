@@ -85,7 +85,7 @@ def clipreid_vit_state_dict(*, image_size, stride: int, num_ids: int, num_cams: 
 
   Returns (state_dict, parts) with parts {'clip', 'visual', 'heads', 'grid'}.
   """
-  from jaxprompt.models.clipreid import TEMPLATES  # pylint: disable=import-outside-toplevel
+  from jaxprompt.clipreid.model import TEMPLATES  # pylint: disable=import-outside-toplevel
   from jaxprompt.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
   import open_clip.model as open_clip_model  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)

@@ -11,7 +11,7 @@ Paper (overall accuracy): 89.1. The reference gives no CIFAR recipe: its default
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """
-from jaxprompt.pipelines import lpt
+from jaxprompt.lpt import train as lpt
 
 
 def get_config():

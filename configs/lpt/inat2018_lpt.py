@@ -12,7 +12,7 @@ repo; its defaults are used.
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """
-from jaxprompt.pipelines import lpt
+from jaxprompt.lpt import train as lpt
 
 
 def get_config():

@@ -19,7 +19,7 @@ reports 50.07 overall for it):
       --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
       --workdir runs/places_lt_lpt_released
 """
-from jaxprompt.pipelines import lpt
+from jaxprompt.lpt import train as lpt
 
 
 def get_config():

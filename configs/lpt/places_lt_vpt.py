@@ -11,7 +11,7 @@ parameters. VPT's base recipe; the LPT paper gives no VPT hyperparameters.
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """
-from jaxprompt.pipelines import vpt
+from jaxprompt.lpt import baselines as vpt
 
 
 def get_config():

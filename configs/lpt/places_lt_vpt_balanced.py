@@ -10,7 +10,7 @@ Paper (Table 1; overall / many / medium / few): 44.17 / 45.79 / 46.73 / 36.18.
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """
-from jaxprompt.pipelines import vpt
+from jaxprompt.lpt import baselines as vpt
 
 
 def get_config():

@@ -19,9 +19,9 @@ from absl import logging
 
 from jaxprompt import sharding as shd
 from jaxprompt.data.loader import Loader, PaddedSequentialSampler
-from jaxprompt.evaluation import plots
-from jaxprompt.evaluation import reid as reid_eval
-from jaxprompt.evaluation.reranking import re_ranking
+from jaxprompt.clipreid import plots
+from jaxprompt.clipreid import ranking as reid_eval
+from jaxprompt.clipreid.reranking import re_ranking
 
 
 

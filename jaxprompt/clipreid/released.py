@@ -135,7 +135,7 @@ def _torch_shape(flax_shape: Sequence[int], perm: Optional[Sequence[int]]) -> tu
 
 
 def _template_ids(context_length: int) -> dict[str, np.ndarray]:
-  from jaxprompt.models.clipreid import TEMPLATES  # pylint: disable=import-outside-toplevel
+  from jaxprompt.clipreid.model import TEMPLATES  # pylint: disable=import-outside-toplevel
   from jaxprompt.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
   return {k: tokenize([t], context_length=context_length)[0] for k, t in TEMPLATES.items()}
 
@@ -361,7 +361,7 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
 def _fill_text(txt: dict, sd: Mapping[str, np.ndarray],
                clip_sd: Optional[Mapping[str, np.ndarray]], config: CLIPConfig, notes: list[str]):
   """Token embedding + logit scale for the text tower, and the prompt from the buffers."""
-  from jaxprompt.models.clipreid import TextPrompt  # pylint: disable=import-outside-toplevel
+  from jaxprompt.clipreid.model import TextPrompt  # pylint: disable=import-outside-toplevel
   prefix = np.asarray(sd[PROMPT + "token_prefix"], np.float32)[0]
   suffix = np.asarray(sd[PROMPT + "token_suffix"], np.float32)[0]
   ctx, tw, vocab = config.context_length, config.text_width, config.vocab_size

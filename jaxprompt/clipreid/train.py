@@ -49,15 +49,15 @@ from jaxprompt import schedules
 from jaxprompt import sharding as shd
 from jaxprompt import trainer
 from jaxprompt.data import files as data_files
-from jaxprompt.data import reid as reid_data
-from jaxprompt.data import transforms
+from jaxprompt.clipreid import data as reid_data
+from jaxprompt.clipreid import transforms
 from jaxprompt.data.loader import Loader
-from jaxprompt.data.samplers import IdentitySampler, RandomSampler
-from jaxprompt.losses import reid as reid_losses
-from jaxprompt.models import clipreid
+from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
+from jaxprompt.clipreid import losses as reid_losses
+from jaxprompt.clipreid import model as clipreid
 from jaxprompt.models.clip import CLIP, CLIPConfig, load_clip
 from jaxprompt.optim import FREEZE, Rule
-from jaxprompt.pipelines import reid_common as common
+from jaxprompt.clipreid import evaluate as common
 
 VARIANTS = ("clipreid", "sie_olp", "baseline")
 BACKBONES = ("vit_b16", "rn50")
@@ -344,7 +344,7 @@ def load_released(config) -> tuple[CLIP, dict, dict]:
   {'params': {'img', 'prompt'?, 'head'} (no text tower), 'batch_stats': {'img'?, 'head'}}.
   """
   # pylint: disable=import-outside-toplevel
-  from jaxprompt.convert import clipreid_ckpt
+  from jaxprompt.clipreid import released as clipreid_ckpt
   from jaxprompt.convert.io import WeightMismatchError, read_arrays
   path = config.model.released_checkpoint
   size = tuple(int(s) for s in config.data.size)

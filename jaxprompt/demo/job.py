@@ -186,7 +186,7 @@ def clipreid_config(config, paths: Paths) -> ml_collections.ConfigDict:
 def write_untrained_params(c, path: str) -> str:
   """The randomly initialised CLIP that stage 2 starts from, as a full params file."""
   from jaxprompt.convert.io import flatten, write_arrays
-  from jaxprompt.pipelines import clipreid
+  from jaxprompt.clipreid import train as clipreid
   if c.model.clip_weights:
     raise ValueError("the 'before' evaluation is for the tiny random CLIP; with "
                      "model.clip_weights, evaluate the pretrained tower with --stage extract")
@@ -201,7 +201,7 @@ def write_untrained_params(c, path: str) -> str:
 
 def run_clipreid(config, paths: Paths) -> dict:
   """Eval of the untrained model, then stage 1 -> stage 2 -> eval."""
-  from jaxprompt.pipelines import clipreid
+  from jaxprompt.clipreid import train as clipreid
   c = clipreid_config(config, paths)
 
   # Before: the pipeline's own eval stage on the random initialisation (same seed as the
@@ -235,7 +235,8 @@ def cls_config(sub, config, paths: Paths) -> ml_collections.ConfigDict:
 
 def run_lpt(config, paths: Paths) -> dict:
   """LPT phase 1 -> phase 2 -> eval, and the linear probe on the same frozen tower."""
-  from jaxprompt.pipelines import lpt, vpt
+  from jaxprompt.lpt import train as lpt
+  from jaxprompt.lpt import baselines as vpt
   _say("lpt: phase 1 (shared prompt), phase 2 (group prompts)")
   res_lpt = lpt.run(cls_config(config.lpt, config, paths), paths.lpt)["eval"]
   _say("linear: linear probe on the frozen tower")
@@ -320,8 +321,8 @@ def _fmt_seconds(s: float) -> str:
 
 def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
   """The results table (printed and saved), results.json and the comparison plots."""
-  from jaxprompt.evaluation import longtail as lt_eval
-  from jaxprompt.evaluation import plots
+  from jaxprompt.lpt import evaluate as lt_eval
+  from jaxprompt.clipreid import plots
   res = collect(paths)
   table = results_table(res)
   out = summary(res)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxprompt.data.longtail import LTDataset, LTRecord, cifar_lt_img_num_per_cls
+from jaxprompt.lpt.data import LTDataset, LTRecord, cifar_lt_img_num_per_cls
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

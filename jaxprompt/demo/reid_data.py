@@ -4,7 +4,7 @@
                                  query/...
                                  bounding_box_test/...   (+ 0000_* distractors, -1_* junk)
 
-so `jaxprompt.data.reid.read_market1501` reads it unchanged. Every identity is a person-like
+so `jaxprompt.clipreid.data.read_market1501` reads it unchanged. Every identity is a person-like
 figure (hair/head, torso with a pattern, arms, trousers/shorts/skirt, shoes, optional hat and
 bag) whose colours come from small palettes, so several people share a shirt colour and only a
 combination of cues tells them apart. Each camera changes the look in its own way: colour

@@ -18,10 +18,10 @@ from typing import Optional
 
 import jax
 
-from jaxprompt.models import lpt as lpt_model
+from jaxprompt.lpt import model as lpt_model
 from jaxprompt.optim import FREEZE, Rule
-from jaxprompt.pipelines import cls_common
-from jaxprompt.pipelines.cls_common import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt.common import base_config, paper_config  # noqa: F401 (re-export)
 
 STAGES = ("train", "eval")
 METHODS = ("vpt_deep", "vpt_shallow", "linear")
@@ -34,7 +34,7 @@ TRAIN_RULES = [("prompt/.*", Rule()), ("head/bias", Rule(wd_mult=0.0)), ("head/.
 
 
 def get_config(arg: Optional[str] = None):
-  """`launch.py --config jaxprompt/pipelines/vpt.py:places_lt,vpt_deep`."""
+  """`launch.py --config jaxprompt/lpt/baselines.py:places_lt,vpt_deep`."""
   dataset, _, method = (arg or "places_lt,vpt_deep").partition(",")
   return paper_config(dataset, method or "vpt_deep")
 

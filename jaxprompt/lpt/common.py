@@ -31,14 +31,14 @@ from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import schedules
 from jaxprompt.data import files as data_files
-from jaxprompt.data import longtail
+from jaxprompt.lpt import data as longtail
 from jaxprompt.data.loader import Loader, PaddedSequentialSampler, ShuffleSampler
-from jaxprompt.data.lt_samplers import (ClassAwareSampler, InstanceBalancedSampler,
+from jaxprompt.lpt.samplers import (ClassAwareSampler, InstanceBalancedSampler,
                                         ib_loss_weight, lpt_steps_per_epoch)
-from jaxprompt.data.lt_transforms import lpt_test_transform, make_lt_decode
-from jaxprompt.evaluation import longtail as lt_eval
-from jaxprompt.losses.lpt import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
-from jaxprompt.models import lpt as lpt_model
+from jaxprompt.lpt.transforms import lpt_test_transform, make_lt_decode
+from jaxprompt.lpt import evaluate as lt_eval
+from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
+from jaxprompt.lpt import model as lpt_model
 from jaxprompt.models.vit import ViT, ViTConfig, load_vit
 from jaxprompt.trainer import stage_defaults
 
@@ -654,7 +654,7 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
 def predict_folder(config, predict, params, folder: str, output: str,
                    class_names: Optional[Sequence[str]] = None) -> list[tuple[str, int]]:
   """Writes `<relative path>\\t<class id>[\\t<class name>]` per image of `folder`."""
-  from jaxprompt.data.transforms import load_image
+  from jaxprompt.clipreid.transforms import load_image
   paths = data_files.list_images(folder, IMAGE_EXTS)
   size, d = int(config.model.image_size), config.data
   resize = int(d.resize) or None
@@ -716,7 +716,7 @@ class Setup:
 def load_released(config) -> tuple[ViT, dict, dict]:
   """(tower, host params {'img', 'prompt', 'head'}, converter info) of
   `model.released_checkpoint` (LPT's phase-2 model)."""
-  from jaxprompt.convert import lpt_ckpt  # pylint: disable=import-outside-toplevel
+  from jaxprompt.lpt import released as lpt_ckpt  # pylint: disable=import-outside-toplevel
   path = config.model.released_checkpoint
   model, params, info = lpt_ckpt.convert(path)
   logging.info("released checkpoint %s: %d classes, depth %d, prompts %d x %d, pool %d, "

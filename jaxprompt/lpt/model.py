@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.losses.lpt import l2_normalize, select_prompts
+from jaxprompt.lpt.losses import l2_normalize, select_prompts
 from jaxprompt.models.vit import ViT, ViTConfig
 
 METHODS = ("lpt", "vpt_deep", "vpt_shallow", "linear")

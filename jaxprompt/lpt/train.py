@@ -31,10 +31,10 @@ from typing import Optional
 
 import jax
 
-from jaxprompt.models import lpt as lpt_model
+from jaxprompt.lpt import model as lpt_model
 from jaxprompt.optim import FREEZE, Rule
-from jaxprompt.pipelines import cls_common
-from jaxprompt.pipelines.cls_common import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt.common import base_config, paper_config  # noqa: F401 (re-export)
 
 STAGES = ("phase1", "phase2", "eval")
 
@@ -44,7 +44,7 @@ PHASE2_RULES = [("prompt/group", Rule()), ("prompt/keys", Rule()), ("head/.*", R
 
 
 def get_config(arg: Optional[str] = None):
-  """`launch.py --config jaxprompt/pipelines/lpt.py:places_lt` (or 'cifar100_lt:100', ...)."""
+  """`launch.py --config jaxprompt/lpt/train.py:places_lt` (or 'cifar100_lt:100', ...)."""
   return paper_config(arg or "places_lt", "lpt")
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from jaxprompt.data.longtail import LTRecord, load_image as load_record_image
+from jaxprompt.lpt.data import LTRecord, load_image as load_record_image
 
 LPT_MEAN = (0.5, 0.5, 0.5)
 LPT_STD = (0.5, 0.5, 0.5)
