@@ -39,6 +39,41 @@ ScalarOrSchedule = Union[float, Callable[[Any], Any]]
 _SEP = "/"
 
 
+def rules_from_config(entries: Sequence[Any], where: str = "rules") -> list[tuple[str, Rule]]:
+  """A stage's `rules` config field -> [(regex, Rule)].
+
+  Each entry is `(regex, rule)` with rule one of 'freeze', 'train', a mapping of Rule fields
+  (e.g. {'lr_mult': 2.0, 'wd_mult': 0.0}; train defaults to True) or a Rule. The form is
+  plain literals so `--config.stage2.rules='[("txt/.*", "freeze"), (".*", "train")]'`
+  overrides it from the command line.
+  """
+  out, problems = [], []
+  fields = {f.name for f in dataclasses.fields(Rule)}
+  for i, entry in enumerate(entries or ()):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+      problems.append(f"  {where}[{i}]: expected (regex, rule), got {entry!r}")
+      continue
+    pattern, spec = entry
+    if isinstance(spec, Rule):
+      rule = spec
+    elif spec == "freeze":
+      rule = FREEZE
+    elif spec == "train":
+      rule = Rule()
+    elif isinstance(spec, Mapping) and set(spec) <= fields:
+      rule = Rule(**{k: (bool(v) if k == "train" else float(v)) for k, v in spec.items()})
+    else:
+      problems.append(f"  {where}[{i}] ({pattern!r}): rule must be 'freeze', 'train' or a "
+                      f"mapping of {sorted(fields)}, got {spec!r}")
+      continue
+    out.append((pattern, rule))
+  if problems:
+    raise ValueError("Invalid stage rules:\n" + "\n".join(problems))
+  if not out:
+    raise ValueError(f"{where} is empty: a stage needs at least one (regex, rule)")
+  return out
+
+
 # ----------------------------------------------------------------------------- names
 
 

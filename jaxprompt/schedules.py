@@ -14,8 +14,9 @@ Each function accepts a Python/NumPy epoch (returns a float) or a JAX array, tra
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -91,13 +92,75 @@ def lpt_cosine(epoch: Any, *, base_lr: float, epochs: int, warmup_epochs: int = 
                      warmup_t=warmup_epochs, warmup_lr_init=warmup_lr_init)
 
 
-def per_epoch(epoch_fn: EpochFn, steps_per_epoch: int, *, first_epoch: int = 1,
-              num_epochs: int | None = None) -> Callable[[Any], Any]:
-  """optax schedule: lr at step s = epoch_fn(first_epoch + s // steps_per_epoch).
+def vpt_cosine(epoch: Any, *, base_lr: float, epochs: int, warmup_epochs: int) -> Any:
+  """VPT's WarmupCosineSchedule per epoch (KMnP/vpt src/solver/lr_scheduler.py): e / W below
+  W, then 0.5 (1 + cos(pi p)) with p = (e - W) / (E - W). Python epochs only."""
+  e = float(epoch)
+  if e < warmup_epochs:
+    return base_lr * e / max(1, warmup_epochs)
+  p = (e - warmup_epochs) / max(1, epochs - warmup_epochs)
+  return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
 
-  With `num_epochs`, epoch_fn is evaluated once per epoch in Python into a table (so it may be
-  any Python function); steps past the table keep the last epoch's value.
+
+# name -> (function, how the stage's epoch count is passed, the parameters it takes)
+_BY_NAME = {
+    "timm_cosine": (timm_cosine, "t_initial", ("lr_min", "warmup_t", "warmup_lr_init")),
+    "warmup_multistep": (warmup_multistep, None,
+                         ("milestones", "gamma", "warmup_factor", "warmup_iters")),
+    "lpt_cosine": (lpt_cosine, "epochs", ("warmup_epochs", "warmup_lr_init")),
+    "vpt_cosine": (vpt_cosine, "epochs", ("warmup_epochs",)),
+}
+
+
+def by_name(name: str, *, base_lr: float, epochs: int, params: Mapping[str, Any]) -> EpochFn:
+  """The per-epoch lr function `name` ('constant' or a key of `_BY_NAME`), its parameters
+  read from `params` (only the ones it takes; a missing one is an error naming it)."""
+  if name == "constant":
+    return lambda e: base_lr
+  if name not in _BY_NAME:
+    raise ValueError(f"unknown schedule {name!r}; expected one of {['constant', *_BY_NAME]}")
+  fn, epochs_kw, keys = _BY_NAME[name]
+  missing = [k for k in keys if k not in params]
+  if missing:
+    raise ValueError(f"schedule {name!r} needs {missing} in its config")
+  kw = {k: (list(params[k]) if k == "milestones" else params[k]) for k in keys}
+  if epochs_kw:
+    kw[epochs_kw] = int(epochs)
+  return functools.partial(fn, base_lr=float(base_lr), **kw)
+
+
+def per_epoch(epoch_fn: EpochFn, steps_per_epoch: Union[int, Callable[[int], int]], *,
+              first_epoch: int = 1, num_epochs: int | None = None,
+              total_steps: int | None = None) -> Callable[[Any], Any]:
+  """optax schedule: a step of (0-based) epoch e runs at `epoch_fn(first_epoch + e)`.
+
+  `steps_per_epoch` is a number, or a function of the 0-based epoch (a loader's
+  `steps_per_epoch`, for samplers whose epochs differ in length, e.g. identity P x K): then
+  `total_steps` says how far to tabulate, and the lr still switches exactly at epoch starts,
+  as a per-epoch `scheduler.step()` does. With a number and `num_epochs`, epoch_fn is
+  evaluated once per epoch in Python into a table (so it may be any Python function); steps
+  past the table keep the last epoch's value. With neither, epoch_fn is traced.
   """
+  if callable(steps_per_epoch):
+    if total_steps is None:
+      raise ValueError("per_epoch with a steps_per_epoch function needs total_steps")
+    bounds, lrs, acc, e = [], [], 0, 0
+    while acc < total_steps:
+      n = int(steps_per_epoch(e))
+      if n <= 0:
+        raise ValueError(f"epoch {e} of the loader has no full batch")
+      acc += n
+      bounds.append(acc)
+      lrs.append(float(epoch_fn(first_epoch + e)))
+      e += 1
+    bounds_a = jnp.asarray(bounds, jnp.int32)
+    lrs_a = jnp.asarray(lrs, jnp.float32)
+
+    def bounded_schedule(step):
+      idx = jnp.searchsorted(bounds_a, jnp.asarray(step, jnp.int32), side="right")
+      return lrs_a[jnp.clip(idx, 0, len(lrs) - 1)]
+
+    return bounded_schedule
   if steps_per_epoch <= 0:
     raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
   if num_epochs is None:

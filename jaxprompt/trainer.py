@@ -145,9 +145,11 @@ def make_schedule(opt_cfg: Mapping, steps: int) -> optax.Schedule | float:
   raise ValueError(f"unknown schedule {kind!r}; pass make_tx for anything else")
 
 
-def default_tx(trainable: PyTree, rules, opt_cfg: Mapping, steps: int
-               ) -> tuple[optax.GradientTransformation, Any]:
-  lr = make_schedule(opt_cfg, steps)
+def default_tx(trainable: PyTree, rules, opt_cfg: Mapping, steps: int,
+               learning_rate: Any = None) -> tuple[optax.GradientTransformation, Any]:
+  """The optimizer of a stage: `optim.make_optimizer` from the stage's `optimizer` fields,
+  at `learning_rate` (an optax schedule) or else the `schedule`/`warmup_steps` fields'."""
+  lr = make_schedule(opt_cfg, steps) if learning_rate is None else learning_rate
   tx = optim.make_optimizer(
       trainable, rules, name=opt_cfg["name"], learning_rate=lr,
       weight_decay=float(opt_cfg.get("weight_decay", 0.0)),

@@ -20,7 +20,7 @@ open_clip_model = pytest.importorskip("open_clip.model")
 
 from jaxprompt.convert import openai_clip  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError  # noqa: E402
-from jaxprompt.models.clip import load_clip  # noqa: E402
+from jaxprompt.convert.openai_clip import load_clip  # noqa: E402
 from torch_fixtures import close as _close  # noqa: E402
 from torch_fixtures import images as _images  # noqa: E402
 from torch_fixtures import nchw as _nchw  # noqa: E402

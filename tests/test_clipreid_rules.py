@@ -13,7 +13,6 @@ from jaxprompt import schedules
 from jaxprompt.clipreid import model as m
 from jaxprompt.models.clip import CLIP, CLIPConfig
 from jaxprompt.clipreid import train as clipreid
-from jaxprompt.clipreid import evaluate as reid_common
 
 PERSON = ("market1501", "msmt17", "dukemtmc", "occ_duke")
 
@@ -37,7 +36,7 @@ def test_paper_config_values(dataset, backbone, variant):
   assert dict(c.stage1.lr_schedule) == dict(warmup_t=5, warmup_lr_init=1e-5, lr_min=1e-6)
   # Stage 2 (spec 4.7 / 4.8).
   s2 = c.stage2
-  assert s2.batch_size == 64 and c.data.num_instances == 4 and s2.bias_lr_factor == 2
+  assert s2.batch_size == 64 and c.data.num_instances == 4 and dict(s2.rules)[".*bias.*"] == {"lr_mult": 2.0}
   if vit:
     assert s2.optimizer.lr == (5e-5 if vid else 5e-6)
     assert (s2.total_epochs, s2.optimizer.weight_decay) == (60, 1e-4)
@@ -220,12 +219,12 @@ class _Loader:
 
 def test_epoch_schedule_follows_uneven_epochs():
   fn = lambda e: float(e)  # noqa: E731
-  sched = reid_common.epoch_schedule(fn, _Loader([3, 2, 4, 3]), total_steps=10)
+  sched = schedules.per_epoch(fn, _Loader([3, 2, 4, 3]).steps_per_epoch, total_steps=10)
   got = [float(sched(s)) for s in range(10)]
   assert got == [1, 1, 1, 2, 2, 3, 3, 3, 3, 4]
   # Stage-1 cosine on the 1-based epoch (spec 3.4 values).
   f = lambda e: schedules.timm_cosine(e, base_lr=3.5e-4, t_initial=60, lr_min=1e-6,  # noqa: E731
                                       warmup_t=5, warmup_lr_init=1e-5)
-  sched = reid_common.epoch_schedule(f, _Loader([2] * 60), total_steps=120)
+  sched = schedules.per_epoch(f, _Loader([2] * 60).steps_per_epoch, total_steps=120)
   np.testing.assert_allclose([sched(0), sched(2), sched(119)], [7.8e-5, 1.46e-4, 1e-6],
                              rtol=1e-3)

@@ -14,7 +14,8 @@ from PIL import Image
 from jaxprompt.clipreid.data import read_market1501
 from jaxprompt.demo import lt_data, pretrain, reid_data
 from jaxprompt.lpt.evaluate import shot_buckets
-from jaxprompt.models.vit import ViT, load_vit
+from jaxprompt.convert.timm_vit import load_vit
+from jaxprompt.models.vit import ViT
 
 MARKET_NAME = re.compile(r"^(-1|\d{4})_c([1-6])s\d_\d{6}_\d{2}\.jpg$")
 SMALL = dict(num_train_ids=8, num_test_ids=6, cams=4, images_per_id_cam=3, cams_per_id=(2, 3),

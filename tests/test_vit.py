@@ -14,7 +14,8 @@ timm_vit_mod = pytest.importorskip("timm.models.vision_transformer")
 
 from jaxprompt.convert import timm_vit  # noqa: E402
 from jaxprompt.convert.io import WeightMismatchError, write_arrays  # noqa: E402
-from jaxprompt.models.vit import ViTConfig, load_vit  # noqa: E402
+from jaxprompt.convert.timm_vit import load_vit
+from jaxprompt.models.vit import ViTConfig  # noqa: E402
 
 TOL = 1e-4
 

@@ -13,7 +13,7 @@ Evaluate an authors' released checkpoint instead of training:
   python launch.py --config configs/clipreid/msmt17_rn50_clipreid.py --stage eval \
       --config.model.released_checkpoint=PATH.pth --config.data.root=data/msmt17 --workdir runs/msmt17_rn50_clipreid_released
 """
-from jaxprompt.clipreid import train as clipreid
+from jaxprompt.clipreid import config as clipreid
 
 
 def get_config():

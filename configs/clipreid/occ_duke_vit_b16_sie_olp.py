@@ -13,7 +13,7 @@ Evaluate an authors' released checkpoint instead of training:
   python launch.py --config configs/clipreid/occ_duke_vit_b16_sie_olp.py --stage eval \
       --config.model.released_checkpoint=PATH.pth --config.data.root=data/dukemtmcreid --workdir runs/occ_duke_vit_b16_sie_olp_released
 """
-from jaxprompt.clipreid import train as clipreid
+from jaxprompt.clipreid import config as clipreid
 
 
 def get_config():

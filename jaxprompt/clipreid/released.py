@@ -38,9 +38,13 @@ import re
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from jaxprompt import precision
+from jaxprompt.clipreid.config import _is_vit
 from jaxprompt.convert import io
 from jaxprompt.convert.io import (WeightMismatchError, check_names_and_shapes, flatten,
                                   read_arrays, unflatten)
@@ -183,7 +187,7 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
   elif IMG + "attnpool.positional_embedding" in sd:
     vision = "resnet"
   else:
-    hint = (" (this looks like an OpenAI/open_clip CLIP file: use jaxprompt.models.clip.load_clip)"
+    hint = (" (this looks like an OpenAI/open_clip CLIP file: use jaxprompt.convert.openai_clip.load_clip)"
             if "visual.proj" in sd or "visual.attnpool.positional_embedding" in sd else "")
     raise WeightMismatchError(
         f"{source} is not a CLIP-ReID checkpoint: no {IMG}proj (ViT) nor "
@@ -415,3 +419,74 @@ def _to_jax(tree):
 
 
 __all__ = ["convert"]
+
+
+def _strides_fitting(rows: int, size, patch: int) -> list[int]:
+  """Patch strides whose token grid at `size` has `rows - 1` tokens."""
+  h, w = size
+  if h < patch or w < patch:
+    return []
+  return [s for s in range(patch, 0, -1)
+          if ((h - patch) // s + 1) * ((w - patch) // s + 1) + 1 == rows]
+
+
+def load_released(config) -> tuple[CLIP, dict, dict]:
+  """(CLIP model, host variables, converter info) from `model.released_checkpoint`.
+
+  The tower is built for this config (data.size, model.stride / last_stride); a file
+  that does not fit raises a ValueError naming the config field to change. Variables:
+  {'params': {'img', 'prompt'?, 'head'} (no text tower), 'batch_stats': {'img'?, 'head'}}.
+  """
+  path = config.model.released_checkpoint
+  size = tuple(int(s) for s in config.data.size)
+  sd = {(k[7:] if k.startswith("module.") else k): v for k, v in read_arrays(path).items()}
+  vit = _is_vit(config)
+  if "image_encoder.proj" in sd or "image_encoder.attnpool.positional_embedding" in sd:
+    file_vit = "image_encoder.proj" in sd
+    if file_vit != vit:
+      raise ValueError(f"{path} holds a {'ViT' if file_vit else 'ResNet'} image encoder but "
+                       f"backbone={config.backbone!r}: set backbone="
+                       f"{'vit_b16' if file_vit else 'rn50'!r}")
+  kw = (dict(patch_stride=int(config.model.stride)) if vit
+        else dict(last_stride=int(config.model.last_stride)))
+  try:
+    model, params, state, info = convert(sd, image_size=size, **kw)
+  except WeightMismatchError as e:
+    if "positional_embedding  model" not in str(e):
+      raise  # not a grid mismatch: the converter's diff says what is wrong
+    if vit:
+      rows = int(sd["image_encoder.positional_embedding"].shape[0])
+      patch = int(sd["image_encoder.conv1.weight"].shape[-1])
+      fits = _strides_fitting(rows, size, patch)
+      hint = (f"set model.stride={fits[0]}" if len(fits) == 1 else
+              f"set model.stride to the checkpoint's MODEL.STRIDE_SIZE (one of {fits})" if fits
+              else f"no patch stride fits data.size={list(size)}: set data.size to the "
+                   "checkpoint's INPUT.SIZE_TRAIN")
+      raise ValueError(
+          f"{path}: its position embedding ({rows - 1} patches) does not fit model.stride="
+          f"{config.model.stride} at data.size={list(size)}; {hint}") from None
+    raise ValueError(
+        f"{path}: its attention-pool grid does not fit data.size={list(size)} with "
+        f"model.last_stride={config.model.last_stride}; set model.last_stride (CLIP-ReID "
+        "trains with 1) or data.size to the checkpoint's INPUT.SIZE_TRAIN") from None
+  model = CLIP(info["config"], dtype=precision.compute_dtype(config.precision))
+  # Evaluation and extraction use the image side only; the text tower (whose token table is
+  # mostly unknown without clip_weights) would just hold host memory.
+  params = {k: v for k, v in params.items() if k != "txt"}
+  variables = {"params": jax.device_get(params),
+               "batch_stats": jax.device_get(state["batch_stats"])}
+  for note in info["notes"]:
+    logging.info("released checkpoint: %s", note)
+  logging.info("released checkpoint %s: %s %s, %d identities, grid %s, SIE rows %d", path,
+               info["kind"], info["backbone"], info["num_ids"], info["grid"], info["sie_rows"])
+  return model, variables, info
+
+
+def read_trained_params_file(path: str) -> tuple[dict, dict]:
+  """(params, model_state) from a full params file ('params/...' and 'batch_stats/...')."""
+  flat = read_arrays(path)
+  if any(k.startswith(("params/", "batch_stats/")) for k in flat):
+    tree = unflatten(flat)
+    return tree.get("params", {}), ({"batch_stats": tree["batch_stats"]}
+                                    if "batch_stats" in tree else {})
+  return unflatten(flat), {}

@@ -30,10 +30,10 @@ def detect_family(arrays: dict) -> str:
 
 def validate(arrays: dict, family: str) -> None:
   if family == "clip":
-    from jaxprompt.models.clip import load_clip  # pylint: disable=import-outside-toplevel
+    from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
     load_clip(arrays)
   else:
-    from jaxprompt.models.vit import load_vit  # pylint: disable=import-outside-toplevel
+    from jaxprompt.convert.timm_vit import load_vit  # pylint: disable=import-outside-toplevel
     load_vit(arrays)
 
 

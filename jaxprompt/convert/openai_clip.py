@@ -12,14 +12,16 @@ the file's own names.
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.convert.io import WeightMismatchError, check_names_and_shapes, flatten, unflatten
-from jaxprompt.models.clip import CLIPConfig, init_shapes
+from jaxprompt.convert.io import (WeightMismatchError, check_names_and_shapes, flatten, read_arrays,
+                                  unflatten)
+from jaxprompt.models.clip import CLIP, CLIPConfig, Dtype, init_shapes
 from jaxprompt.models.layers import resize_grid_embedding
 
 # Entries of the reference state dicts that carry no weights of ours.
@@ -167,3 +169,24 @@ def _to_jax(tree):
 
 
 __all__ = ["clean_state_dict", "infer_config", "to_variables", "torch_name"]
+
+
+def load_clip(source: Union[str, os.PathLike, Mapping[str, Any]], *,
+              image_size: Optional[Sequence[int]] = None,
+              patch_stride: Optional[int] = None,
+              last_stride: Optional[int] = None,
+              dtype: Dtype = jnp.float32) -> tuple[CLIP, dict]:
+  """Builds CLIP from an OpenAI/open_clip checkpoint (path or dict of arrays).
+
+  Returns `(model, variables)`; position embeddings are resized (bilinear, no
+  antialias, class/mean row kept) when `image_size`/`patch_stride`/`last_stride`
+  change the token grid. Parameters are float32; `dtype` is the compute dtype.
+  """
+  if isinstance(source, Mapping):
+    state_dict, label = source, "state dict"
+  else:
+    state_dict, label = read_arrays(source), repr(str(source))
+  state_dict = clean_state_dict(state_dict)
+  config = infer_config(state_dict).with_input(image_size, patch_stride, last_stride)
+  variables = to_variables(state_dict, config, source=label)
+  return CLIP(config, dtype=dtype), variables

@@ -8,7 +8,7 @@ shear, shift, stroke width, point jitter, colours and noise. The backbone thus l
 shape features, which transfer to handwritten digits, without ever seeing a digit label.
 
 The result is written in the classic AugReg/vit_jax layout (`Transformer/encoderblock_{i}/...`,
-plus the `head/*` classifier, which loaders drop), so `jaxprompt.models.vit.load_vit` reads it,
+plus the `head/*` classifier, which loaders drop), so `jaxprompt.convert.timm_vit.load_vit` reads it,
 with the number of heads recovered from the stored shapes. A `<out>.json` file next to it
 records the settings, the loss curve and the held-out glyph accuracy; a second call with the
 same settings returns the existing file.

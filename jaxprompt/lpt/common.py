@@ -39,7 +39,8 @@ from jaxprompt.lpt.transforms import lpt_test_transform, make_lt_decode
 from jaxprompt.lpt import evaluate as lt_eval
 from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
 from jaxprompt.lpt import model as lpt_model
-from jaxprompt.models.vit import ViT, ViTConfig, load_vit
+from jaxprompt.convert.timm_vit import load_vit
+from jaxprompt.models.vit import ViT, ViTConfig
 from jaxprompt.trainer import stage_defaults
 
 DATASETS = ("places_lt", "cifar100_lt", "inat2018", "list", "synthetic")

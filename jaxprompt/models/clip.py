@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -395,31 +394,6 @@ class CLIP(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def load_clip(source: Union[str, os.PathLike, Mapping[str, Any]], *,
-              image_size: Optional[Sequence[int]] = None,
-              patch_stride: Optional[int] = None,
-              last_stride: Optional[int] = None,
-              dtype: Dtype = jnp.float32) -> tuple[CLIP, dict]:
-  """Builds CLIP from an OpenAI/open_clip checkpoint (path or dict of arrays).
-
-  Returns `(model, variables)`; position embeddings are resized (bilinear, no
-  antialias, class/mean row kept) when `image_size`/`patch_stride`/`last_stride`
-  change the token grid. Parameters are float32; `dtype` is the compute dtype.
-  """
-  # Imported here: the converter builds this module's CLIP to learn the expected shapes.
-  from jaxprompt.convert import openai_clip  # pylint: disable=import-outside-toplevel
-  from jaxprompt.convert.io import read_arrays  # pylint: disable=import-outside-toplevel
-
-  if isinstance(source, Mapping):
-    state_dict, label = source, "state dict"
-  else:
-    state_dict, label = read_arrays(source), repr(str(source))
-  state_dict = openai_clip.clean_state_dict(state_dict)
-  config = openai_clip.infer_config(state_dict).with_input(image_size, patch_stride, last_stride)
-  variables = openai_clip.to_variables(state_dict, config, source=label)
-  return CLIP(config, dtype=dtype), variables
 
 
 def init_shapes(config: CLIPConfig) -> dict:

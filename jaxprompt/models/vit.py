@@ -40,14 +40,11 @@ blocks of the query pass and the main pass see identical inputs, lpt.md 4):
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprompt.models.layers import Block, resize_grid_embedding
 
@@ -244,44 +241,3 @@ def resize_pos_embed(img_params: Mapping, config: ViTConfig,
   return params, dataclasses.replace(config, grid=grid)
 
 
-def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
-             image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
-             exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
-             grid: Optional[Sequence[int]] = None) -> tuple[ViTModel, dict]:
-  """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
-
-  Args:
-    source: a weight file (.pt/.pth/.safetensors/.npz) or a dict of arrays.
-    image_size: (H, W) the model will see; the position embedding is resized.
-    ln_eps: LayerNorm epsilon (timm 1e-6; LPT builds its ViT with 1e-5).
-    exact_gelu: erf GELU (torch nn.GELU, timm, LPT) or the tanh approximation.
-    dtype: compute dtype (params stay float32).
-    heads: number of heads; default width // 64 for timm files (AugReg files
-      store it in their shapes).
-    grid: the checkpoint's own patch grid when its position embedding is not
-      square.
-
-  Returns:
-    `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
-    pre-logits layer) is not part of the tower and is dropped.
-  """
-  from jaxprompt.convert import timm_vit  # pylint: disable=import-outside-toplevel
-  from jaxprompt.convert.io import read_arrays  # pylint: disable=import-outside-toplevel
-  if isinstance(source, Mapping):
-    arrays = {k: np.asarray(v) for k, v in source.items()}
-    name = "weights"
-  else:
-    arrays = read_arrays(source)
-    name = os.fspath(source)
-  layout = timm_vit.detect_layout(arrays)
-  config = timm_vit.infer_config(arrays, heads=heads, grid=grid)
-  convert = timm_vit.from_timm if layout == "timm" else timm_vit.from_augreg
-  variables = convert(arrays, config)
-  dropped = timm_vit.head_info(arrays)
-  if dropped:
-    logging.info("load_vit: %s (%s layout): dropped %s", name, layout, dropped)
-  img = jax.tree.map(jnp.asarray, variables["params"]["img"])
-  if image_size is not None:
-    img, config = resize_pos_embed(img, config, image_size)
-  model = ViTModel(img=ViT(config, ln_eps=ln_eps, exact_gelu=exact_gelu, dtype=dtype))
-  return model, {"params": {"img": img}}
