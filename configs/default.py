@@ -41,8 +41,8 @@ from typing import Optional
 
 import ml_collections
 
-from jaxprompt.clipreid import train as clipreid
-from jaxprompt.lpt import common as cls_common
+from jaxprompt.clipreid import config as clipreid
+from jaxprompt.lpt import config as lpt_config
 
 SIZES = ("full", "small")
 
@@ -83,7 +83,7 @@ def _cls(method: str, size: str) -> ml_collections.ConfigDict:
   """LPT or the linear probe on the digits list, the pretrained tiny ViT, demo schedule."""
   small = size == "small"
   epochs = 20 if small else 40
-  c = cls_common.paper_config("list", method, image_size=16, batch_size=64, epochs=epochs)
+  c = lpt_config.paper_config("list", method, image_size=16, batch_size=64, epochs=epochs)
   c.data.num_classes = 10
   c.data.workers = 2
   c.data.resize = 18
@@ -100,7 +100,7 @@ def _cls(method: str, size: str) -> ml_collections.ConfigDict:
   else:
     c.train.optimizer.lr = 0.1  # same lr, epochs and batch as LPT: a like-for-like probe
     c.train.optimizer.warmup_epochs = 2
-  for s in cls_common.stage_names(method):
+  for s in lpt_config.stage_names(method):
     c[s].log_every_steps = 5
     c[s].ckpt_every_steps = 0  # final checkpoints only: stages last seconds
   return c

@@ -11,7 +11,8 @@ import pytest
 from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB, agcl_loss, phase2_objective, reduced_similarity
 from jaxprompt.lpt import model as lpt_model
 from jaxprompt.models.vit import ViT, ViTConfig
-from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import context as cls_common
 
 DEPTH, WIDTH, GROUP, POOL, T, C = 4, 64, 2, 5, 3, 7
 
@@ -150,7 +151,7 @@ def test_vit_b16_parameter_counts_via_eval_shape():
 
 def test_agcl_wiring_dual_batch():
   """The loss is [AGCL_CB - 0.5 rs_CB] + w [AGCL_IB - 0.5 rs_IB] with data class counts."""
-  config = cls_common.base_config("lpt")
+  config = lpt_config.base_config("lpt")
   counts = np.array([50, 20, 5, 2])
   rng = np.random.default_rng(0)
   b = 4

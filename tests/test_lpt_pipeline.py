@@ -11,7 +11,8 @@ from PIL import Image
 
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import optim
-from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import context as cls_common
 from jaxprompt.lpt import train as lpt
 from jaxprompt.lpt import baselines as vpt
 
@@ -27,7 +28,7 @@ def tiny_config(method: str, steps: int = 0):
   c.data.workers = 0
   c.data.resize = 18
   c.data.eval_batch_size = 32
-  for s in cls_common.stage_names(method):
+  for s in lpt_config.stage_names(method):
     c[s].progress = False
     c[s].ckpt_every_steps = 5
     c[s].log_every_steps = 5

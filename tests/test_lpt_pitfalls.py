@@ -18,7 +18,10 @@ from jaxprompt.lpt import samplers as ls
 from jaxprompt.lpt import evaluate as lt_eval
 from jaxprompt.lpt.losses import agcl_loss
 from jaxprompt.lpt import model as lpt_model
-from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import data as lpt_data
+from jaxprompt.lpt import evaluate as lpt_evaluate
+from jaxprompt.lpt import context as cls_common
 from jaxprompt.lpt import train as lpt
 from jaxprompt.lpt import baselines as vpt
 
@@ -37,7 +40,7 @@ def tiny_config(method: str = "lpt", epochs: int = 4, **synthetic):
   c.eval.plots = False
   for k, v in synthetic.items():
     c.data.synthetic[k] = v
-  for s in cls_common.stage_names(method):
+  for s in lpt_config.stage_names(method):
     c[s].progress = False
   return c
 
@@ -449,7 +452,7 @@ def test_stage_wiring_counts_sampling_weights_epoch_length(tmp_path, monkeypatch
   assert [k["stage"] for k in calls] == ["phase1", "phase2"]
   assert calls[0]["rules"] == lpt.PHASE1_RULES and calls[1]["rules"] == lpt.PHASE2_RULES
 
-  train, _ = cls_common.load_datasets(c)
+  train, _ = lpt_data.load_datasets(c)
   n, bsz, epochs = len(train), 16, 4
   labels = train.labels
   # Class counts of the A-GCL cloud come from the training data.
@@ -523,7 +526,7 @@ def test_eval_buckets_from_train_counts_lpt_convention(tmp_path):
   c = tiny_config("lpt", num_classes=3, max_count=400, min_count=20, test_per_class=10)
   setup = cls_common.Setup(c)
   np.testing.assert_array_equal(setup.counts, [400, 89, 20])
-  res = cls_common.evaluate_params(setup, str(tmp_path), "phase1", setup.init_params(),
+  res = lpt_evaluate.evaluate_params(setup, str(tmp_path), "phase1", setup.init_params(),
                                    phase=1, predict_images=False)
   assert res["convention"] == "lpt"
   assert res["classes_per_bucket"] == {"many": 1, "medium": 1, "few": 1}

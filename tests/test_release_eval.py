@@ -31,7 +31,9 @@ from jaxprompt.lpt import evaluate as lt_eval  # noqa: E402
 from jaxprompt.clipreid import ranking as reid_eval  # noqa: E402
 from jaxprompt.clipreid import model as clipreid_model  # noqa: E402
 from jaxprompt.clipreid import train as clipreid
-from jaxprompt.lpt import common as cls_common
+from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import data as lpt_data
+from jaxprompt.lpt import context as cls_common
 from jaxprompt.lpt import train as lpt
 from jaxprompt.lpt import baselines as vpt  # noqa: E402
 
@@ -194,7 +196,7 @@ def lt_lists(tmp_path_factory):
 
 
 def lpt_config(root: str, path: str, method: str = "lpt"):
-  c = cls_common.paper_config("list", method, data_root=root)
+  c = lpt_config.paper_config("list", method, data_root=root)
   c.data.train_file = os.path.join(root, "train.txt")
   c.data.test_file = os.path.join(root, "test.txt")
   c.data.eval_batch_size = 8
@@ -222,7 +224,7 @@ def test_lpt_released_eval_matches_direct(lt_lists, lpt_pth, tmp_path):
   # LPT inference written out by hand on the converted params: query pass, top-2 keys,
   # mean group prompt in the last G blocks, cosine head.
   model, params, _ = lpt_ckpt.convert(lpt_pth)
-  _, test = cls_common.load_datasets(cfg, check_train_files=False)
+  _, test = lpt_data.load_datasets(cfg, check_train_files=False)
   decode = cls_common.decode_fn(cfg, train=False)
   x = np.stack([decode(r, None)["image"] for r in test.records])
   pr = params["prompt"]

@@ -12,6 +12,9 @@ import ml_collections
 
 from jaxprompt import trainer
 
+# Stage 1's default `rules` (see base_config): only the identity tokens train.
+STAGE1_DEFAULT_RULES = [("prompt/cls_ctx", "train"), (".*", "freeze")]
+
 
 VARIANTS = ("clipreid", "sie_olp", "baseline")
 
@@ -126,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   seed, prec, fsdp = c.get_ref("seed"), c.get_ref("precision"), c.get_ref("fsdp")
   c.stage1 = _stage(seed, prec, fsdp, epochs=120, batch_size=64, lr=3.5e-4, weight_decay=1e-4)
-  c.stage1.rules = [("prompt/cls_ctx", "train"), (".*", "freeze")]
+  c.stage1.rules = list(STAGE1_DEFAULT_RULES)
   c.stage1.optimizer.schedule = "timm_cosine"
   c.stage1.lr_schedule = ml_collections.ConfigDict(dict(
       warmup_t=5, warmup_lr_init=1e-5, lr_min=1e-6))

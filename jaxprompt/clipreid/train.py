@@ -46,13 +46,14 @@ from jaxprompt import trainer
 from jaxprompt.clipreid import data as reid_data
 from jaxprompt.clipreid import losses as reid_losses
 from jaxprompt.clipreid import model as clipreid
-from jaxprompt.clipreid.config import _baseline, _validate, base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.clipreid.config import (STAGE1_DEFAULT_RULES, _baseline, _validate,  # noqa: F401
+                                       base_config, paper_config)
 from jaxprompt.clipreid.context import Context, SIESpec, load_backbone, tiny_clip_config  # noqa: F401
 from jaxprompt.clipreid.evaluate import run_eval, run_extract
 from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
 from jaxprompt.data.loader import Loader
 from jaxprompt.models.clip import CLIP
-from jaxprompt.optim import FREEZE, Rule
+from jaxprompt.optim import Rule
 
 
 
@@ -60,7 +61,7 @@ from jaxprompt.optim import FREEZE, Rule
 # ============================================================================ stage 1
 
 # The defaults of `stage1.rules` (the config's field is what runs).
-STAGE1_RULES = [("prompt/cls_ctx", Rule()), (".*", FREEZE)]
+STAGE1_RULES = optim.rules_from_config(STAGE1_DEFAULT_RULES)
 
 
 def stage_rules(stage_cfg) -> list[tuple[str, Rule]]:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxprompt.data.files import load_image  # noqa: F401 (re-export: the decode functions use it)
+
 # ViT configs of CLIP-ReID normalise with 0.5/0.5, not with CLIP's own constants.
 VIT_MEAN = (0.5, 0.5, 0.5)
 VIT_STD = (0.5, 0.5, 0.5)
@@ -29,17 +31,6 @@ def norm_constants(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]
   if b.startswith("rn") or b.startswith("resnet"):
     return IMAGENET_MEAN, IMAGENET_STD
   raise ValueError(f"no normalisation constants for backbone {backbone!r} (expected ViT-* or RN*)")
-
-
-def load_image(path: str) -> Image.Image:
-  """Open an image as RGB; a missing or unreadable file raises an error naming the path."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"image file not found: {path}")
-  try:
-    with Image.open(path) as im:
-      return im.convert("RGB")  # convert() forces the full decode while the file is open
-  except Exception as e:  # PIL raises several types for corrupt or truncated files
-    raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

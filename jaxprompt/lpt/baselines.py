@@ -19,18 +19,17 @@ from typing import Optional
 import jax
 
 from jaxprompt.lpt import model as lpt_model
-from jaxprompt.optim import FREEZE, Rule
-from jaxprompt.lpt import common as cls_common
-from jaxprompt.lpt.common import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt import optim
+from jaxprompt.lpt import config as config_lib
+from jaxprompt.lpt import context
+from jaxprompt.lpt import evaluate
+from jaxprompt.lpt.config import base_config, paper_config  # noqa: F401 (re-export)
 
 STAGES = ("train", "eval")
 METHODS = ("vpt_deep", "vpt_shallow", "linear")
 
-# The linear probe has no `prompt` subtree: its first rule then matches nothing.
-# VPT's optimizer exempts the last layer's bias from weight decay (lpt.md 7); the
-# cosine head of the balanced rows has no bias, so that rule then matches nothing.
-TRAIN_RULES = [("prompt/.*", Rule()), ("head/bias", Rule(wd_mult=0.0)), ("head/.*", Rule()),
-               (".*", FREEZE)]
+# The default of `train.rules` (the config's field is what runs).
+TRAIN_RULES = optim.rules_from_config(config_lib.BASELINE_RULES)
 
 
 def get_config(arg: Optional[str] = None):
@@ -39,7 +38,7 @@ def get_config(arg: Optional[str] = None):
   return paper_config(dataset, method or "vpt_deep")
 
 
-def make_forward(setup: cls_common.Setup):
+def make_forward(setup: context.Context):
   spec = setup.spec
 
   def forward(params, images, rng):
@@ -53,18 +52,18 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     raise ValueError(f"unknown stage {stage!r}; this pipeline has {STAGES}")
   if config.method not in METHODS:
     raise ValueError(f"pipeline 'vpt' runs {METHODS}, not {config.method!r} (LPT: 'lpt')")
-  setup = cls_common.Setup(config)
-  cls_common.log_counts(workdir, setup.init_params(), setup.spec)
+  setup = context.Context(config)
+  context.log_counts(workdir, setup.init_params(), setup.spec)
   results = {}
 
   # Train: prompts (if any) and head; the tower frozen.
   if stage in (None, "train"):
-    results["train"] = cls_common.train_stage(
-        setup, workdir, "train", rules=TRAIN_RULES, forward=make_forward(setup),
+    results["train"] = context.train_stage(
+        setup, workdir, "train", rules=optim.rules_from_config(config.train.rules, 'train.rules'), forward=make_forward(setup),
         init=lambda rng: (setup.init_params(), {}))
 
   # Eval on the test split.
   if stage in (None, "eval"):
-    results["eval"] = {"train": cls_common.eval_stage(setup, workdir, ["train"], phase=1)}
+    results["eval"] = {"train": evaluate.eval_stage(setup, workdir, ["train"], phase=1)}
   jax.effects_barrier()
   return results

@@ -303,3 +303,68 @@ def load_inat2018_list(list_file: PathLike, root: PathLike, *,
   """iNaturalist 2018 from the txt-list form (`iNaturalist18_train.txt`, `..._val.txt`)."""
   return LTDataset(read_lt_list(list_file, root, num_classes=num_classes,
                                 check_files=check_files), num_classes)
+
+
+DATASETS = ("places_lt", "cifar100_lt", "inat2018", "list", "synthetic")
+
+
+def synthetic_lt(num_classes: int = 10, image_size: int = 16, max_count: int = 60,
+                 min_count: int = 3, test_per_class: int = 10, seed: int = 0
+                 ) -> tuple[LTDataset, LTDataset]:
+  """A generated long-tailed set of uint8 arrays: counts fall geometrically from
+  max_count to min_count; each class is a random colour pattern plus noise."""
+  rng = np.random.default_rng(seed)
+  ratio = max_count / max(min_count, 1)
+  counts = [max(int(max_count * ratio ** (-i / max(num_classes - 1, 1))), min_count)
+            for i in range(num_classes)]
+  proto = rng.uniform(40, 215, size=(num_classes, 4, 4, 3))
+
+  def make(label: int) -> np.ndarray:
+    base = np.kron(proto[label], np.ones((image_size // 4 + 1, image_size // 4 + 1, 1)))
+    img = base[:image_size, :image_size] + rng.normal(0, 25, (image_size, image_size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+  train = [LTRecord(make(y), y) for y, n in enumerate(counts) for _ in range(n)]
+  test = [LTRecord(make(y), y) for y in range(num_classes) for _ in range(test_per_class)]
+  return LTDataset(train, num_classes), LTDataset(test, num_classes)
+
+
+def load_datasets(config, *, check_train_files: bool = True
+                  ) -> tuple[LTDataset, LTDataset]:
+  """(train, test) for `data.dataset`.
+
+  `check_train_files=False` reads the train labels without checking that the images
+  exist (evaluation needs only the class counts).
+  """
+  d = config.data
+  name = d.dataset
+  check = bool(d.check_files)
+  check_train = check and check_train_files
+  if name == "synthetic":
+    return synthetic_lt(**dict(d.synthetic))
+  if name == "cifar100_lt":
+    root = d.root or None
+    return (load_cifar100_lt(root, d.imbalance_ratio, "train", seed=int(config.seed),
+                                      source=d.cifar_source),
+            load_cifar100_lt(root, d.imbalance_ratio, "test", source=d.cifar_source))
+  if name == "places_lt":
+    lists = d.lists_dir or None
+    return (load_places_lt(d.root, "train", lists_dir=lists, check_files=check_train),
+            load_places_lt(d.root, d.test_split, lists_dir=lists, check_files=check))
+  if name == "inat2018":
+    if not (d.train_file and d.test_file):
+      raise ValueError("inat2018 needs data.train_file and data.test_file (json or txt lists)")
+    def one(path, check_files):
+      if path.endswith(".json"):
+        return load_inat2018_json(path, d.root, check_files=check_files)
+      return load_inat2018_list(path, d.root, check_files=check_files)
+    return one(d.train_file, check_train), one(d.test_file, check)
+  if name == "list":
+    if not (d.train_file and d.test_file):
+      raise ValueError("dataset 'list' needs data.train_file and data.test_file")
+    nc = int(d.num_classes) or None
+    tr = read_lt_list(d.train_file, d.root, num_classes=nc, check_files=check_train)
+    te = read_lt_list(d.test_file, d.root, num_classes=nc, check_files=check)
+    nc = nc or int(max(r.label for r in tr + te)) + 1
+    return LTDataset(tr, nc), LTDataset(te, nc)
+  raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")

@@ -18,9 +18,19 @@ which no standard benchmark has).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
+import jax
 import numpy as np
+from absl import logging
+
+from jaxprompt import metrics as metrics_lib
+from jaxprompt.data import files as data_files
+from jaxprompt.data.loader import Loader, PaddedSequentialSampler
+from jaxprompt.lpt import data as longtail
+from jaxprompt.lpt import model as lpt_model
+from jaxprompt.lpt.context import Context, decode_fn, params_after
+from jaxprompt.lpt.transforms import lpt_test_transform
 
 BUCKETS = ("many", "medium", "few")
 CONVENTIONS = ("lpt", "oltr")
@@ -167,3 +177,131 @@ def plot_bucket_accuracy(results: Union[Mapping[str, float], Mapping[str, Mappin
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# predict_folder accepts every format PIL reads well, not only the datasets' own.
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _batched(records: Sequence, decode, batch: int, workers: int) -> Iterator[tuple[dict, int]]:
+  """Fixed-shape batches over all records (the last one padded with record 0): (batch, valid)."""
+  n = len(records)
+  loader = Loader(records, decode, PaddedSequentialSampler(n, batch), batch, seed=0,
+                  workers=workers, process_index=0, process_count=1)
+  for i, b in enumerate(loader.iterate(0)):
+    yield b, min(batch, n - i * batch)
+
+
+def run_predict(predict, params, records: Sequence, decode, batch: int, workers: int
+                ) -> dict[str, np.ndarray]:
+  """Concatenated outputs of `predict(params, images)` over `records` (padding removed)."""
+  outs: dict[str, list] = {}
+  for b, valid in _batched(records, decode, batch, workers):
+    out = jax.device_get(predict(params, b["image"]))
+    for k in ("pred", "indices"):
+      if k in out:
+        outs.setdefault(k, []).append(np.asarray(out[k])[:valid])
+  return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
+             train_counts: np.ndarray, name: str, extra: Optional[Mapping[str, Any]] = None
+             ) -> dict:
+  """Shot accuracies (under `eval.convention`, and the other convention for reference),
+  per-class accuracy, plots and `results.json` in `out_dir` (plus the `extra` fields)."""
+  d = config.data
+  res = run_predict(predict, params, test.records, decode_fn(config, train=False),
+                    int(d.eval_batch_size), int(d.workers))
+  labels = test.labels
+  conv = config.eval.convention
+  acc = shot_accuracy(res["pred"], labels, train_counts, conv)
+  other = "oltr" if conv == "lpt" else "lpt"
+  per_class = per_class_accuracy(res["pred"], labels, test.num_classes)
+  buckets = shot_buckets(train_counts, conv)
+  result = {
+      "name": name, "convention": conv, **{k: 100.0 * v for k, v in acc.items()},
+      f"{other}_convention": {k: 100.0 * v for k, v in
+                              shot_accuracy(res["pred"], labels, train_counts,
+                                                    other).items()},
+      "num_test": int(labels.size),
+      "classes_per_bucket": {k: int(v.sum()) for k, v in buckets.items()},
+      "per_class_accuracy": [None if np.isnan(a) else 100.0 * float(a) for a in per_class],
+      **dict(extra or {}),
+  }
+  if "indices" in res:
+    result["prompt_usage"] = np.bincount(res["indices"].reshape(-1),
+                                         minlength=int(config.model.pool_size)).tolist()
+  metrics_lib.write_json(os.path.join(out_dir, "results.json"), result, indent=1)
+  if jax.process_index() == 0:
+    np.save(os.path.join(out_dir, "predictions.npy"), res["pred"])
+    if config.eval.plots:
+      plot_per_class_accuracy(res["pred"], labels, train_counts,
+                                      os.path.join(out_dir, "per_class_accuracy.png"),
+                                      convention=conv)
+      plot_bucket_accuracy({name: acc}, os.path.join(out_dir, "bucket_accuracy.png"),
+                                   title=f"{name} ({conv} buckets)")
+  logging.info("%s: overall %.2f | many %.2f | medium %.2f | few %.2f (%s buckets)", name,
+               result["overall"], result["many"], result["medium"], result["few"], conv)
+  return result
+
+
+def predict_folder(config, predict, params, folder: str, output: str,
+                   class_names: Optional[Sequence[str]] = None) -> list[tuple[str, int]]:
+  """Writes `<relative path>\\t<class id>[\\t<class name>]` per image of `folder`."""
+  paths = data_files.list_images(folder, IMAGE_EXTS)
+  size, d = int(config.model.image_size), config.data
+  resize = int(d.resize) or None
+
+  def decode(path, rng):
+    del rng
+    x = lpt_test_transform(data_files.load_image(path), size, resize, mean=tuple(d.mean), std=tuple(d.std))
+    return {"image": np.ascontiguousarray(x)}
+
+  res = run_predict(predict, params, paths, decode, int(d.eval_batch_size), int(d.workers))
+  rows = [(os.path.relpath(p, folder), int(c)) for p, c in zip(paths, res["pred"])]
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      for rel, c in rows:
+        extra = f"\t{class_names[c]}" if class_names else ""
+        f.write(f"{rel}\t{c}{extra}\n")
+  logging.info("predicted %d images of %s -> %s", len(rows), folder, output)
+  return rows
+
+
+def eval_stage(setup: Context, workdir: str, stage_chain: Sequence[str], *, phase: int = 2,
+               predict_images: bool = True) -> dict:
+  """Evaluate the model after the last stage of `stage_chain` (read from the checkpoints
+  of the whole chain); predictions for `eval.predict_dir` if set."""
+  name = stage_chain[-1]
+  params = params_after(workdir, stage_chain, setup.init_params())
+  return evaluate_params(setup, workdir, name, params, phase=phase,
+                         predict_images=predict_images)
+
+
+def eval_released(setup: Context, workdir: str, *, predict_images: bool = True) -> dict:
+  """Evaluate `model.released_checkpoint` (LPT's phase-2 model) as the phase-2 stage:
+  results in `<workdir>/eval/phase2/`, as for a trained run."""
+  if setup.released is None:
+    raise ValueError("model.released_checkpoint is not set")
+  return evaluate_params(setup, workdir, "phase2", setup.released, phase=2,
+                         predict_images=predict_images, label="phase2 (released)",
+                         extra={"weights": str(setup.config.model.released_checkpoint)})
+
+
+def evaluate_params(setup: Context, workdir: str, name: str, params: Mapping, *, phase: int,
+                    predict_images: bool = True, label: str = "",
+                    extra: Optional[Mapping[str, Any]] = None) -> dict:
+  """`evaluate` of `params` into `<workdir>/eval/<name>/`, and predictions for
+  `eval.predict_dir` if set."""
+  config = setup.config
+  predict = lpt_model.make_predict(setup.vit, setup.spec, phase=phase,
+                                   fused=bool(config.eval.fused))
+  out_dir = os.path.join(workdir, "eval", name)
+  result = evaluate(config, out_dir, predict, params, setup.test, setup.counts,
+                    f"{config.method}/{label or name}", extra=extra)
+  if predict_images and config.eval.predict_dir:
+    output = config.eval.predict_output or os.path.join(out_dir, "predictions.tsv")
+    predict_folder(config, predict, params, config.eval.predict_dir, output,
+                   setup.train.class_names)
+  return result

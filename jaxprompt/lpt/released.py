@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxprompt.convert import io, timm_vit
 from jaxprompt.convert.io import WeightMismatchError, check_names_and_shapes, read_arrays
@@ -114,3 +115,47 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
 
 
 __all__ = ["convert"]
+
+
+def load_released(config) -> tuple[ViT, dict, dict]:
+  """(tower, host params {'img', 'prompt', 'head'}, converter info) of
+  `model.released_checkpoint` (LPT's phase-2 model)."""
+  path = config.model.released_checkpoint
+  model, params, info = convert(path)
+  logging.info("released checkpoint %s: %d classes, depth %d, prompts %d x %d, pool %d, "
+               "group layers %d, grid %s", path, info["num_classes"], info["depth"],
+               info["depth"], info["prompt_length"], info["pool_size"], info["group_layers"],
+               info["grid"])
+  return model.img, jax.device_get(params), info
+
+
+def check_released(config, info: Mapping[str, Any], num_classes: int) -> None:
+  """Refuse a released LPT checkpoint that does not fit the config or the dataset,
+  naming the config field to change."""
+  m, path = config.model, config.model.released_checkpoint
+  vcfg = info["config"]
+  side = [g * vcfg.patch for g in info["grid"]]
+  wrong = []
+  if side[0] != side[1] or int(m.image_size) != side[0]:
+    wrong.append(f"model.image_size={side[0]} (its position embedding is a "
+                 f"{info['grid'][0]}x{info['grid'][1]} grid of {vcfg.patch}-pixel patches; "
+                 f"config {m.image_size})")
+  for field, key in (("prompt_length", "prompt_length"), ("pool_size", "pool_size"),
+                     ("group_layers", "group_layers")):
+    if int(m[field]) != int(info[key]):
+      wrong.append(f"model.{field}={info[key]} (config {m[field]})")
+  if float(m.ln_eps) != float(info["ln_eps"]):
+    wrong.append(f"model.ln_eps={info['ln_eps']} (config {m.ln_eps})")
+  if not m.exact_gelu:
+    wrong.append("model.exact_gelu=True")
+  if m.head != "cosine":
+    wrong.append(f"model.head='cosine' (config {m.head!r})")
+  if wrong:
+    raise ValueError(f"{path} does not fit this config: set " + "; ".join(wrong))
+  if int(info["num_classes"]) != int(num_classes):
+    hint = (f"set data.num_classes={info['num_classes']} if the lists use that many labels"
+            if config.data.dataset == "list" else
+            "set data.dataset (and data.root / data.lists_dir) to the dataset it was trained on")
+    raise ValueError(
+        f"{path} classifies {info['num_classes']} classes but data.dataset="
+        f"{config.data.dataset!r} has {num_classes}: {hint}")

@@ -23,7 +23,7 @@ Stages (each resumes from its own checkpoints; lpt.md 2-5):
    LPT_places.pth, a phase-2 model) only this stage runs, on that file: its results
    go to `eval/phase2/` (the tower, prompts and head all come from the file).
 
-`paper_config(dataset, method)` builds the reference recipe (see cls_common).
+`paper_config(dataset, method)` builds the reference recipe (see `jaxprompt.lpt.config`).
 """
 from __future__ import annotations
 
@@ -32,15 +32,17 @@ from typing import Optional
 import jax
 
 from jaxprompt.lpt import model as lpt_model
-from jaxprompt.optim import FREEZE, Rule
-from jaxprompt.lpt import common as cls_common
-from jaxprompt.lpt.common import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt import optim
+from jaxprompt.lpt import config as config_lib
+from jaxprompt.lpt import context
+from jaxprompt.lpt import evaluate
+from jaxprompt.lpt.config import base_config, paper_config  # noqa: F401 (re-export)
 
 STAGES = ("phase1", "phase2", "eval")
 
-PHASE1_RULES = [("prompt/shared", Rule()), ("head/.*", Rule()), (".*", FREEZE)]
-PHASE2_RULES = [("prompt/group", Rule()), ("prompt/keys", Rule()), ("head/.*", Rule()),
-                (".*", FREEZE)]
+# The defaults of `phase1.rules` / `phase2.rules` (the config's fields are what runs).
+PHASE1_RULES = optim.rules_from_config(config_lib.PHASE1_RULES)
+PHASE2_RULES = optim.rules_from_config(config_lib.PHASE2_RULES)
 
 
 def get_config(arg: Optional[str] = None):
@@ -48,7 +50,7 @@ def get_config(arg: Optional[str] = None):
   return paper_config(arg or "places_lt", "lpt")
 
 
-def phase1_forward(setup: cls_common.Setup):
+def phase1_forward(setup: context.Context):
   spec = setup.spec
 
   def forward(params, images, rng):
@@ -56,7 +58,7 @@ def phase1_forward(setup: cls_common.Setup):
   return forward
 
 
-def phase2_forward(setup: cls_common.Setup):
+def phase2_forward(setup: context.Context):
   spec = setup.spec
 
   def forward(params, images, rng):
@@ -77,36 +79,36 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     raise ValueError(
         f"model.released_checkpoint is set ({released}): it can only be evaluated; run with "
         "--stage eval, or unset it to train" + ("" if stage is None else f" (got --stage {stage})"))
-  setup = cls_common.Setup(config)
-  cls_common.log_counts(workdir, setup.init_params(), setup.spec)
+  setup = context.Context(config)
+  context.log_counts(workdir, setup.init_params(), setup.spec)
   results = {}
 
   # Phase 1: shared prompts + head; everything else frozen (group prompts and keys
   # exist in the tree but are unused and frozen here).
   if stage in (None, "phase1"):
-    results["phase1"] = cls_common.train_stage(
-        setup, workdir, "phase1", rules=PHASE1_RULES, forward=phase1_forward(setup),
+    results["phase1"] = context.train_stage(
+        setup, workdir, "phase1", rules=optim.rules_from_config(config.phase1.rules, 'phase1.rules'), forward=phase1_forward(setup),
         init=lambda rng: (setup.init_params(), {}))
 
   # Phase 2: group prompts, keys and head (from phase 1); shared prompts and tower frozen.
   if stage in (None, "phase2"):
     def init2(rng):
       del rng
-      return cls_common.params_after(workdir, ["phase1"], setup.init_params()), {}
+      return context.params_after(workdir, ["phase1"], setup.init_params()), {}
 
-    results["phase2"] = cls_common.train_stage(
-        setup, workdir, "phase2", rules=PHASE2_RULES, forward=phase2_forward(setup), init=init2,
+    results["phase2"] = context.train_stage(
+        setup, workdir, "phase2", rules=optim.rules_from_config(config.phase2.rules, 'phase2.rules'), forward=phase2_forward(setup), init=init2,
         seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1")
 
   # Eval: each requested finished stage, on the test split.
   if released:
-    results["eval"] = {"phase2": cls_common.eval_released(setup, workdir)}
+    results["eval"] = {"phase2": evaluate.eval_released(setup, workdir)}
   elif stage in (None, "eval"):
     results["eval"] = {}
     stages = list(config.eval.stages)
     for i, name in enumerate(stages):
       chain = ["phase1"] if name == "phase1" else ["phase1", "phase2"]
-      results["eval"][name] = cls_common.eval_stage(
+      results["eval"][name] = evaluate.eval_stage(
           setup, workdir, chain, phase=1 if name == "phase1" else 2,
           predict_images=i == len(stages) - 1)
   jax.effects_barrier()
