@@ -44,12 +44,14 @@ import numpy as np
 from absl import logging
 
 from jaxprompt import precision
+from jaxprompt.clipreid.model import TEMPLATES, TextPrompt
 from jaxprompt.clipreid.config import _is_vit
 from jaxprompt.convert import io
 from jaxprompt.convert.io import (WeightMismatchError, check_names_and_shapes, flatten,
                                   read_arrays, unflatten)
-from jaxprompt.convert.openai_clip import clean_state_dict, infer_config, torch_name
+from jaxprompt.convert.openai_clip import clean_state_dict, infer_config, to_variables, torch_name
 from jaxprompt.models.clip import CLIP, CLIPConfig, init_shapes
+from jaxprompt.tokenizer import tokenize
 
 IMG, TXT = "image_encoder.", "text_encoder."
 PROMPT = "prompt_learner."
@@ -139,8 +141,6 @@ def _torch_shape(flax_shape: Sequence[int], perm: Optional[Sequence[int]]) -> tu
 
 
 def _template_ids(context_length: int) -> dict[str, np.ndarray]:
-  from jaxprompt.clipreid.model import TEMPLATES  # pylint: disable=import-outside-toplevel
-  from jaxprompt.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
   return {k: tokenize([t], context_length=context_length)[0] for k, t in TEMPLATES.items()}
 
 
@@ -310,9 +310,8 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
     txt = variables["params"].get("txt", {}) if kind == "clipreid" else {}
     if kind != "clipreid":
       # Baseline run: the text tower is the untouched CLIP one.
-      from jaxprompt.convert import openai_clip  # pylint: disable=import-outside-toplevel
       cfg = infer_config(clip_sd)
-      txt = dict(openai_clip.to_variables(clip_sd, cfg, source="clip_weights")["params"]["txt"])
+      txt = dict(to_variables(clip_sd, cfg, source="clip_weights")["params"]["txt"])
       txt = {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in txt.items()}
       notes.append("txt from clip_weights (baseline checkpoints have no text side)")
     else:
@@ -365,7 +364,6 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
 def _fill_text(txt: dict, sd: Mapping[str, np.ndarray],
                clip_sd: Optional[Mapping[str, np.ndarray]], config: CLIPConfig, notes: list[str]):
   """Token embedding + logit scale for the text tower, and the prompt from the buffers."""
-  from jaxprompt.clipreid.model import TextPrompt  # pylint: disable=import-outside-toplevel
   prefix = np.asarray(sd[PROMPT + "token_prefix"], np.float32)[0]
   suffix = np.asarray(sd[PROMPT + "token_suffix"], np.float32)[0]
   ctx, tw, vocab = config.context_length, config.text_width, config.vocab_size

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Query-key matching lives with the model (the forward pass selects prompts with it).
+from jaxprompt.lpt.model import l2_normalize, select_prompts  # noqa: F401 (re-export)
+
 Array = jax.Array
 
 # (gamma_pos, gamma_neg) of the two A-GCL instances in `train_dual_dualloss.py`.
@@ -127,26 +130,6 @@ def agcl_loss(cosine: Array, labels: Array, class_counts: Any, key: Optional[Arr
 
 
 # ----------------------------------------------------------------------------- matching
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-  """x / max(||x||, eps), as `torch.nn.functional.normalize`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
-def select_prompts(query: Array, keys: Array, k: int = 2) -> Tuple[Array, Array]:
-  """Cosine similarity of queries (B, D) to keys (M, D) and the top-k key indices.
-
-  Returns (indices (B, k) int32, best first; similarity (B, M)). The similarity stays
-  differentiable in `keys` so that `matching_loss` can train them; the indices carry
-  no gradient.
-  """
-  if k > keys.shape[0]:
-    raise ValueError(f"top-{k} requested from a pool of {keys.shape[0]} keys")
-  sim = l2_normalize(query) @ l2_normalize(keys).T
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(sim), k)
-  return idx.astype(jnp.int32), sim
 
 
 def reduced_similarity(similarity: Array, indices: Array) -> Array:

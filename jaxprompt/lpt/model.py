@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.lpt.losses import l2_normalize, select_prompts
 from jaxprompt.models.vit import ViT, ViTConfig
+
+Array = jax.Array
 
 METHODS = ("lpt", "vpt_deep", "vpt_shallow", "linear")
 HEADS = ("cosine", "linear")
@@ -331,3 +332,23 @@ def make_two_pass_predict(vit: ViT, spec: PromptSpec
     return main_pass(params, images, query_pass(params, images))
 
   return predict
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """x / max(||x||, eps), as `torch.nn.functional.normalize`."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def select_prompts(query: Array, keys: Array, k: int = 2) -> Tuple[Array, Array]:
+  """Cosine similarity of queries (B, D) to keys (M, D) and the top-k key indices.
+
+  Returns (indices (B, k) int32, best first; similarity (B, M)). The similarity stays
+  differentiable in `keys` so that `matching_loss` can train them; the indices carry
+  no gradient.
+  """
+  if k > keys.shape[0]:
+    raise ValueError(f"top-{k} requested from a pool of {keys.shape[0]} keys")
+  sim = l2_normalize(query) @ l2_normalize(keys).T
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(sim), k)
+  return idx.astype(jnp.int32), sim
