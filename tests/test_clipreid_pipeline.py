@@ -19,7 +19,7 @@ from PIL import Image
 from jaxprompt import optim
 from jaxprompt import trainer
 from jaxprompt.clipreid import train as clipreid
-from jaxprompt.clipreid import evaluate as reid_common
+from jaxprompt.clipreid import context as reid_common
 
 TRAIN_IDS = (2, 7, 11, 15, 23, 42)
 TEST_IDS = (101, 102, 103, 104)
