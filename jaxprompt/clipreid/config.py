@@ -247,3 +247,36 @@ def _validate(config) -> None:
   if not config.model.clip_weights and not config.model.tiny_random.enabled:
     raise ValueError("set model.clip_weights to a CLIP checkpoint (e.g. ViT-B-16.pt / RN50.pt) "
                      "or model.tiny_random.enabled=True")
+
+
+def tiny(config: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigDict:
+  """`config` (any row) shrunk to run in seconds: a tiny random CLIP of the row's backbone
+  kind, 32x16 inputs, 8-image batches, 2 steps per stage, on a Market-1501-layout folder
+  `root` (e.g. the one `jaxprompt.demo.reid_data.write_synthetic_market` generates).
+
+  The recipe's structure (variant, stages, rules, losses, schedules, camera SIE) is kept;
+  view SIE is dropped, since the generated set has no viewpoints.
+  """
+  c = config.copy_and_resolve_references()
+  c.data.name, c.data.root = "market1501", root
+  c.data.size = (32, 16)
+  c.data.workers = 2
+  c.data.num_instances = 2
+  t = c.model.tiny_random
+  t.enabled = True
+  t.vision = "vit" if _is_vit(c) else "resnet"
+  c.model.clip_weights = ""
+  c.model.stride = min(int(c.model.stride), 8)
+  c.model.sie_view = False
+  for s in (c.stage1, c.stage2):
+    s.batch_size = 8
+    s.total_steps = 2
+    s.progress = False
+    s.log_every_steps = 1
+    s.ckpt_every_steps = 0
+    s.async_checkpoints = False
+  c.stage1.lr_schedule.warmup_t = 1
+  c.stage2.lr_schedule.warmup_iters = 1
+  c.eval.batch_size = 8
+  c.eval.plots = False
+  return c

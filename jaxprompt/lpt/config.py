@@ -263,3 +263,32 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
     s.rules = list(BASELINE_RULES)
     c.train = s
   return c
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (any row) shrunk to run in seconds: a tiny random ViT on the generated
+  long-tailed set (`data.dataset='synthetic'`, 16x16 images), 8-image batches, 2 steps per
+  stage. Method, sampling, head, loss and rules are kept; the prompt pool is shrunk to fit
+  the 4-block tower."""
+  c = config.copy_and_resolve_references()
+  c.data.dataset, c.data.root = "synthetic", ""
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 16
+  c.data.workers = 2
+  c.data.resize = 0
+  c.model.tiny_random = True
+  c.model.vit_weights = ""
+  c.model.image_size = 16
+  c.model.prompt_length = 2
+  c.model.pool_size = 4
+  c.model.group_layers = 2
+  c.eval.plots = False
+  for name in stage_names(c.method):
+    s = c[name]
+    s.total_epochs = 2  # the per-epoch schedules need an epoch count; total_steps cuts it short
+    s.total_steps = 2
+    s.progress = False
+    s.log_every_steps = 1
+    s.ckpt_every_steps = 0
+    s.async_checkpoints = False
+  return c
