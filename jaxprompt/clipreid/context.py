@@ -97,8 +97,7 @@ class Context:
     self.released_info: Optional[dict] = None
     self._embed = {}
     c = config.stage2
-    self.mesh = shd.make_mesh([tuple(a) for a in c.mesh] if c.mesh
-                              else shd.mesh_axes(int(c.fsdp or 0)))
+    self.mesh = shd.mesh_from_config(c)
     self.mean, self.std = transforms.norm_constants(config.backbone)
     self.size = tuple(int(s) for s in config.data.size)
 

@@ -9,7 +9,7 @@ image tower reads the SIE vector for the class token.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -90,14 +90,6 @@ def sie_index(cams: jax.Array, views: jax.Array, num_views: int, camera: bool,
   if camera and view:
     return cams * num_views + views
   return cams if camera else views
-
-
-def sie_vectors(table: Optional[jax.Array], cams, views, *, num_views: int, camera: bool,
-                view: bool, coefficient: float) -> Optional[jax.Array]:
-  """(B, width) SIE input for the image tower, or None when SIE is off."""
-  if table is None or not (camera or view):
-    return None
-  return coefficient * table[sie_index(cams, views, num_views, camera, view)]
 
 
 class ReIDHead(nn.Module):

@@ -64,14 +64,8 @@ _BN_BIAS_TOL = 1e-6
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".attn_mask")
 
 
-def _read(source: Union[str, os.PathLike, Mapping[str, Any]]) -> tuple[dict, str]:
-  if isinstance(source, Mapping):
-    for key in ("state_dict", "model", "module"):
-      if key in source and isinstance(source[key], Mapping):
-        source = source[key]
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in source.items()}
-    return {k: io.as_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}, "state dict"
-  return read_arrays(source), repr(os.fspath(source))
+def _read(source) -> tuple[dict[str, np.ndarray], str]:
+  return io.read_state_dict(source)
 
 
 def _count(sd: Mapping[str, Any], prefix: str) -> int:
@@ -437,7 +431,7 @@ def load_released(config) -> tuple[CLIP, dict, dict]:
   """
   path = config.model.released_checkpoint
   size = tuple(int(s) for s in config.data.size)
-  sd = {(k[7:] if k.startswith("module.") else k): v for k, v in read_arrays(path).items()}
+  sd, _ = io.read_state_dict(path)
   vit = _is_vit(config)
   if "image_encoder.proj" in sd or "image_encoder.attnpool.positional_embedding" in sd:
     file_vit = "image_encoder.proj" in sd

@@ -7,7 +7,6 @@ torchvision on PIL images exactly (same PIL resampling, same float32 arithmetic)
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Mapping
+from typing import Any, Mapping, Union
 
 import numpy as np
 
@@ -148,3 +148,22 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
       node = node.setdefault(p, {})
     node[leaf] = v
   return out
+
+
+def strip_module(name: str) -> str:
+  """A state-dict name without the `module.` prefix DataParallel / DDP checkpoints add."""
+  return name[len("module."):] if name.startswith("module.") else name
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]
+                    ) -> tuple[dict[str, np.ndarray], str]:
+  """(flat {name: array}, a label for messages) from a weight file or an in-memory state
+  dict (unwrapped from 'state_dict' / 'model' / 'module' entries; `module.` stripped;
+  non-array entries dropped)."""
+  if isinstance(source, Mapping):
+    for key in ("state_dict", "model", "module"):
+      if key in source and isinstance(source[key], Mapping):
+        source = source[key]
+    return ({strip_module(k): as_numpy(v) for k, v in source.items() if hasattr(v, "shape")},
+            "state dict")
+  return {strip_module(k): v for k, v in read_arrays(source).items()}, repr(os.fspath(source))

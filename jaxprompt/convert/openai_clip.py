@@ -19,8 +19,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.convert.io import (WeightMismatchError, check_names_and_shapes, flatten, read_arrays,
-                                  unflatten)
+from jaxprompt.convert.io import (WeightMismatchError, as_numpy, check_names_and_shapes, flatten,
+                                  read_arrays, strip_module, unflatten)
 from jaxprompt.models.clip import CLIP, CLIPConfig, Dtype, init_shapes
 from jaxprompt.models.layers import resize_grid_embedding
 
@@ -32,22 +32,14 @@ _CONV_OIHW_TO_HWIO = (2, 3, 1, 0)
 _LINEAR_OUT_IN_TO_IN_OUT = (1, 0)
 
 
-def _as_numpy(v: Any) -> np.ndarray:
-  if hasattr(v, "detach"):  # a torch tensor passed in directly
-    v = v.detach().cpu()
-    v = v.float() if v.dtype.is_floating_point else v
-    return v.numpy()
-  return np.asarray(v)
-
-
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Strips `module.`, drops BN counters, masks and OpenAI's int metadata; numpy values."""
   out = {}
   for k, v in state_dict.items():
-    k = k[len("module."):] if k.startswith("module.") else k
+    k = strip_module(k)
     if k in _IGNORED_EXACT or k.endswith(_IGNORED_SUFFIXES):
       continue
-    out[k] = _as_numpy(v)
+    out[k] = as_numpy(v)
   return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from jaxprompt.convert import io, timm_vit
-from jaxprompt.convert.io import WeightMismatchError, check_names_and_shapes, read_arrays
+from jaxprompt.convert.io import WeightMismatchError, check_names_and_shapes
 from jaxprompt.models.vit import ViT, ViTModel
 
 PL = "prompt_learner."
@@ -42,14 +42,7 @@ LN_EPS = 1e-5
 
 
 def _read(source) -> tuple[dict[str, np.ndarray], str]:
-  if isinstance(source, Mapping):
-    for key in ("state_dict", "model", "module"):
-      if key in source and isinstance(source[key], Mapping):
-        source = source[key]
-    out = {(k[7:] if k.startswith("module.") else k): io.as_numpy(v)
-           for k, v in source.items() if hasattr(v, "shape")}
-    return out, "state dict"
-  return read_arrays(source), repr(os.fspath(source))
+  return io.read_state_dict(source)
 
 
 def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
