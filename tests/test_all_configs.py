@@ -173,7 +173,7 @@ def test_config_rules_cover_the_real_tree(path):
 
 def test_config_rules_override_from_command_line_form():
   c = clipreid_config.paper_config("market1501")
-  c.stage2.rules = [("txt/.*", "freeze"), ("prompt/.*", "freeze"), (".*", {"lr_mult": 3.0})]
+  c.stage2.rules = (("txt/.*", "freeze"), ("prompt/.*", "freeze"), (".*", {"lr_mult": 3.0}))
   rules = clipreid_train.stage2_rules(c)
   assert rules[-1] == (".*", optim.Rule(lr_mult=3.0))
   with pytest.raises(ValueError, match="stage2.rules|rules"):

@@ -129,15 +129,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   seed, prec, fsdp = c.get_ref("seed"), c.get_ref("precision"), c.get_ref("fsdp")
   c.stage1 = _stage(seed, prec, fsdp, epochs=120, batch_size=64, lr=3.5e-4, weight_decay=1e-4)
-  c.stage1.rules = list(STAGE1_DEFAULT_RULES)
+  c.stage1.rules = tuple(STAGE1_DEFAULT_RULES)
   c.stage1.optimizer.schedule = "timm_cosine"
   c.stage1.lr_schedule = ml_collections.ConfigDict(dict(
       warmup_t=5, warmup_lr_init=1e-5, lr_min=1e-6))
 
   c.stage2 = _stage(seed, prec, fsdp, epochs=60, batch_size=64, lr=5e-6, weight_decay=1e-4)
   # The baseline has no `txt` / `cls_ctx`: the first two rules then match nothing.
-  c.stage2.rules = [("txt/.*", "freeze"), ("prompt/(cls_ctx|text_feats)", "freeze"),
-                    (".*bias.*", {"lr_mult": 2.0}), (".*", "train")]
+  c.stage2.rules = (("txt/.*", "freeze"), ("prompt/(cls_ctx|text_feats)", "freeze"),
+                    (".*bias.*", {"lr_mult": 2.0}), (".*", "train"))
   c.stage2.optimizer.schedule = "warmup_multistep"
   c.stage2.lr_schedule = ml_collections.ConfigDict(dict(
       milestones=(30, 50), gamma=0.1, warmup_factor=0.1, warmup_iters=10))

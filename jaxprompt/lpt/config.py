@@ -253,14 +253,14 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
                        warmup_epochs=1, warmup_lr_init=1e-6, seed_ref=seed_ref,
                        precision_ref=prec_ref, fsdp_ref=fsdp_ref)
       s.optimizer.base_lr_at_256 = 0.02
-      s.rules = list(PHASE1_RULES if stage == "phase1" else PHASE2_RULES)
+      s.rules = tuple(PHASE1_RULES if stage == "phase1" else PHASE2_RULES)
       c[stage] = s
   else:
     s = stage_config(epochs=100, lr=0.1 * 128 / 256, weight_decay=1e-4, schedule="vpt_cosine",
                      warmup_epochs=10, warmup_lr_init=0.0, seed_ref=seed_ref,
                      precision_ref=prec_ref, fsdp_ref=fsdp_ref)
     s.optimizer.base_lr_at_256 = 0.1
-    s.rules = list(BASELINE_RULES)
+    s.rules = tuple(BASELINE_RULES)
     c.train = s
   return c
 
