@@ -3,8 +3,8 @@
 Every row of Li et al., "CLIP-ReID" (AAAI 2023), Tables 2-3, is `paper_config(dataset,
 backbone, variant)`; `configs/clipreid/<dataset>_<backbone>_<variant>.py` holds one each,
 with its launch command and the paper's numbers. The recipe follows the authors' code
-(Syliz517/CLIP-ReID configs/person/vit_clipreid.yml, configs/person/cnn_clipreid.yml and
-their vehicle counterparts).
+(Syliz517/CLIP-ReID configs/person/vit_clipreid.yml and its CNN, baseline and vehicle
+counterparts).
 """
 from __future__ import annotations
 
@@ -164,7 +164,8 @@ def _dataset_key(dataset: str) -> str:
 def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
                  variant: str = "clipreid", root: str = "",
                  clip_weights: str = "") -> ml_collections.ConfigDict:
-  """The reference recipe (spec 3.5, 4.7, 4.8) for one (dataset, backbone, variant) row.
+  """The reference recipe for one (dataset, backbone, variant) row (Syliz517/CLIP-ReID
+  configs/*/*_clipreid.yml and the baselines' configs).
 
   dataset: market1501 | msmt17 | dukemtmc | occ_duke | veri | vehicleid (VehicleID,
     'VeRi-776' etc. accepted); backbone: vit_b16 | rn50; variant: clipreid | sie_olp (ViT:
@@ -190,11 +191,12 @@ def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
   c.data.size = (256, 256) if vehicle else (256, 128)
   c.model.clip_weights = clip_weights
 
-  # Stage 1 (spec 3.5): 120 epochs for person ViT, 60 otherwise; batch 256 on VehicleID.
+  # Stage 1 (SOLVER.STAGE1 of Syliz517/CLIP-ReID configs/*/*_clipreid.yml): 120 epochs for
+  # person ViT, 60 otherwise; batch 256 on VehicleID.
   c.stage1.total_epochs = 120 if (vit and ds in PERSON) else 60
   c.stage1.batch_size = 256 if ds == "vehicleid" else 64
 
-  # Stage 2 (spec 4.7) and the baseline (spec 4.8).
+  # Stage 2 (SOLVER.STAGE2 of the same files) and the baseline (SOLVER of its configs).
   if vit:
     c.stage2.optimizer.lr = 5e-5 if ds == "vehicleid" else 5e-6
     c.stage2.total_epochs = 60

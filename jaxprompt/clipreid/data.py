@@ -171,7 +171,8 @@ def check_num_ids(expected: int, dataset: Union[ReIDDataset, IdentityMap, int]) 
   """Raise if a checkpoint's identity count differs from the dataset's train identities.
 
   Stage 2 uses this to refuse a stage-1 checkpoint trained on another set of identities:
-  its identity tokens would index the wrong people (the reference fails silently, issue #14).
+  its identity tokens would index the wrong people (the reference fails silently,
+  Syliz517/CLIP-ReID issue #14).
   """
   if isinstance(dataset, ReIDDataset):
     n = dataset.num_train_pids
@@ -389,7 +390,7 @@ def read_veri(root: str, keypoint_train: Optional[str] = None,
   image is looked up by basename in the train file first, then in the test file; this is
   how query images get their labels from the test file. The number dropped per split is in
   `dataset.dropped` and in `summary()`; with the public files about 37,715 / 1,677 / 11,578 of
-  37,778 / 1,678 / 11,579 images remain (figures reported in TransReID issue #42).
+  37,778 / 1,678 / 11,579 images remain (figures reported in damo-cv/TransReID issue #42).
   """
   name = "veri"
   dirs = ("image_train", "image_query", "image_test")

@@ -1,4 +1,4 @@
-"""CLIP-ReID losses (spec sections 3.3 and 4.3), as pure float32 jnp functions.
+"""CLIP-ReID losses (Syliz517/CLIP-ReID loss/supcontrast.py, loss/make_loss.py), as pure float32 jnp functions.
 
 * `supcon`: stage-1 SupConLoss (`loss/supcontrast.py`), tau = 1 on raw features.
 * `cross_entropy_label_smooth`: `CrossEntropyLabelSmooth` (`loss/softmax_loss.py`);

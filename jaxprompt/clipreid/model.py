@@ -1,6 +1,7 @@
 """CLIP-ReID's pieces around the CLIP towers: identity prompts, SIE, BNNeck heads.
 
-Parameter groups (DESIGN.md point 2): the identity tokens `cls_ctx` and the SIE
+Parameter groups (separate subtrees, so stage rules select them by name): the identity
+tokens `cls_ctx` and the SIE
 table live under `prompt`; the BNNecks and classifiers under `head`; the CLIP
 towers stay under `img` / `txt` as `load_clip` returns them. The towers take
 the prompts as inputs: the text tower reads assembled token embeddings, the

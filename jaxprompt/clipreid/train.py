@@ -25,7 +25,8 @@ state {'batch_stats': {'img' (RN only), 'head'}}. Stage 1 trains on the subset
 {'txt', 'prompt': {'cls_ctx'}}; stage 2 adds the frozen buffer `prompt/text_feats`
 (N, D), the identities' text features, so the step reads them as an input, not a constant.
 
-Spec: /work/shared/specs/clipreid.md (sections 3, 4, 5, 9).
+Reference: Syliz517/CLIP-ReID train_clipreid.py, processor/processor_clipreid_stage1.py,
+processor/processor_clipreid_stage2.py.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def _save_cache(path: str, **arrays: np.ndarray) -> None:
 def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
   """(features (n, D), labels (n,)) of the pretrained tower on every train image.
 
-  Test transform, eval-mode BN, no SIE (spec 3.1). Computed once, kept in
+  Test transform, eval-mode BN, no SIE (Syliz517/CLIP-ReID
+  processor/processor_clipreid_stage1.py). Computed once, kept in
   `<workdir>/stage1/image_features.npz` and reused on resume when its paths match.
   """
   ds = ctx.dataset
@@ -105,7 +107,8 @@ def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_stage1_loss_fn(model: CLIP, prompt: clipreid.TextPrompt):
-  """SupCon(image -> text) + SupCon(text -> image), tau 1, raw features (spec 3.3)."""
+  """SupCon(image -> text) + SupCon(text -> image), tau 1, raw features (Syliz517/CLIP-ReID
+  loss/supcontrast.py)."""
 
   def loss_fn(params, model_state, batch, rng):
     del rng
@@ -183,7 +186,7 @@ def stage2_rules(config) -> list[tuple[str, Rule]]:
 
 def make_stage2_loss_fn(model: CLIP, head: nn.Module, config, sie: SIESpec):
   """ID (label-smoothed CE, summed over both classifiers) x weight + triplet over the three
-  pre-BN features + i2t CE on raw proj @ text_feats.T (spec 4.3)."""
+  pre-BN features + i2t CE on raw proj @ text_feats.T (Syliz517/CLIP-ReID loss/make_loss.py)."""
   eps = float(config.loss.label_smoothing)
   margin = float(config.loss.margin)
   w_id, w_tri, w_i2t = (float(config.loss.id_weight), float(config.loss.triplet_weight),
@@ -238,7 +241,7 @@ def text_features_all(model: CLIP, txt_params, prompt: clipreid.TextPrompt, cls_
 
 
 def _check_identities(ctx: Context, num_ids: int) -> None:
-  """Refuse a stage-1 checkpoint trained on other identities (spec 8, issue #14)."""
+  """Refuse a stage-1 checkpoint trained on other identities (Syliz517/CLIP-ReID issue #14)."""
   reid_data.check_num_ids(num_ids, ctx.dataset)
   saved = metrics_lib.read_json(os.path.join(ctx.stage_dir("stage1"), "identity_map.json"))
   if saved is not None and reid_data.IdentityMap.from_dict(saved) != ctx.dataset.id_map:

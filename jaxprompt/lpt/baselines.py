@@ -59,7 +59,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   # Train: prompts (if any) and head; the tower frozen.
   if stage in (None, "train"):
     results["train"] = context.train_stage(
-        setup, workdir, "train", rules=optim.rules_from_config(config.train.rules, 'train.rules'), forward=make_forward(setup),
+        setup, workdir, "train", forward=make_forward(setup),
+        rules=optim.rules_from_config(config.train.rules, "train.rules"),
         init=lambda rng: (setup.init_params(), {}))
 
   # Eval on the test split.

@@ -2,8 +2,8 @@
 
 Every row of Dong et al., "LPT: Long-tailed Prompt Tuning" (ICLR 2023), Tables 1, 2 and 8,
 is `paper_config(dataset, method, ...)`; `configs/lpt/<row>.py` holds one each, with its
-launch command and the paper's numbers. LPT's recipe follows DongSky/LPT main.py and
-train_dual_dualloss.py; the baselines follow KMnP/vpt configs/base-prompt.yaml.
+launch command and the paper's numbers. LPT's recipe follows DongSky/LPT
+phase2_test/train_dual_dualloss.py; the baselines follow KMnP/vpt configs/base-prompt.yaml.
 """
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def stage_names(method: str) -> tuple[str, ...]:
 
 
 def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.ConfigDict:
-  """The full schema with the reference defaults (lpt.md 10; VPT baselines lpt.md 7).
+  """The full schema with the reference defaults (DongSky/LPT phase2_test/train_dual_dualloss.py; VPT
+  baselines: KMnP/vpt configs/base-prompt.yaml).
 
   Top level: pipeline ('lpt' | 'vpt'), method, seed, precision ('float32' |
   'bfloat16'), fsdp (0 data parallel, n / -1 fsdp axis), recipe_notes (provenance).
@@ -165,7 +166,7 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   c.precision = "float32"
   c.fsdp = 0
   c.recipe_notes = (
-      "LPT: DongSky/LPT phase-2 code defaults (lpt.md 10); phase 1 = same loss, dual "
+      "LPT: DongSky/LPT phase-2 code defaults (phase2_test/train_dual_dualloss.py); phase 1 = same loss, dual "
       "sampling, SGD and wd 0.01 without the pool (the author's description; no script)."
       if lpt else
       "VPT baseline in LPT's setting: AugReg IN-21k tower, LPT transforms (mean=std=0.5), "

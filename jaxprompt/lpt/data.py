@@ -5,7 +5,8 @@ is a file path or a uint8 HWC array, plus the number of classes. Training class 
 come from the data (`LTDataset.class_counts()`), as `train_dataset.label_freq` does in
 the reference, never from hard-coded tables.
 
-CIFAR-100-LT follows the reference's `IMBALANCECIFAR100` (lpt.md 5.2): per-class
+CIFAR-100-LT follows the reference's `IMBALANCECIFAR100` (DongSky/LPT
+phase2_test/vtab/imbalanced_cifar.py): per-class
 counts int(img_max * (1/ratio)^(i/(C-1))) and, for each class in order, its indices in
 the original CIFAR-100 train order shuffled with one numpy `RandomState(42)` stream
 (the training script seeds numpy's global RNG with 42 just before), keeping the first

@@ -1,6 +1,6 @@
 """Long-tailed evaluation: overall / many / medium / few-shot accuracy and plots.
 
-Bucket rule of LPT's evaluation code (`phase2_test/eval_phase2.py`, lpt.md 5.4):
+Bucket rule of LPT's evaluation code (DongSky/LPT `phase2_test/eval_phase2.py`):
 a class belongs to a bucket by its number of *training* images n, with
 many n > 100, medium 20 < n <= 100, few n <= 20 (`convention="lpt"`). The OLTR
 convention used by most other long-tail papers is many n > 100,

@@ -1,8 +1,7 @@
 """LPT losses: A-GCL (asymmetric Gaussian-clouded logit) and the prompt-matching term.
 
 Follows DongSky/LPT `phase2_test/cb_loss.py` (`AGCL`), `phase2_test/loss.py`
-(`ASLSingleLabel`) and `PromptModels_pool/structure.py` (key matching); see
-`specs/lpt.md` sections 2.2, 3.3 and 3.6.
+(`ASLSingleLabel`) and `PromptModels_pool/structure.py` (key matching).
 
 Everything here is a pure `jax.numpy` function: the Gaussian noise comes from an
 explicit PRNG key (or is passed in), so a train step stays reproducible.
@@ -149,7 +148,7 @@ def matching_loss(similarity: Array, indices: Array, weight: float = 0.5) -> Arr
 
 def phase2_objective(agcl_cb: Array, reduced_sim_cb: Array, agcl_ib: Array,
                      reduced_sim_ib: Array, ib_weight: Any, match_weight: float = 0.5) -> Array:
-  """L = [AGCL_CB - 0.5 rs_CB] + w_e [AGCL_IB - 0.5 rs_IB] (lpt.md 3.6).
+  """L = [AGCL_CB - 0.5 rs_CB] + w_e [AGCL_IB - 0.5 rs_IB] (DongSky/LPT phase2_test/train_dual_dualloss.py).
 
   For phase 1 (no prompt pool) pass zeros for the reduced similarities.
   """

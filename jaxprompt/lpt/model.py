@@ -1,6 +1,6 @@
 """LPT (long-tailed prompt tuning) and VPT / linear-probe classifiers on the `ViT` tower.
 
-Everything is functional over the parameter tree (DESIGN.md, contract 2):
+Everything is functional over the parameter tree:
 
     params = {'img': <ViT params>,
               'prompt': {'shared': (L, T, D), 'group': (P, G, T, D), 'keys': (P, D)}   # LPT
@@ -8,9 +8,9 @@ Everything is functional over the parameter tree (DESIGN.md, contract 2):
               'head': {'kernel': (D, C)} (+ 'bias': (C,) for a linear head)}
 
 ViT-B/16 LPT: L = 12, T = 10, D = 768, P = 20 group prompts, G = 6 (the last 6
-blocks carry group prompts); prompts 92,160 + 921,600 = 1,013,760 (lpt.md 6.2).
+blocks carry group prompts); prompts 92,160 + 921,600 = 1,013,760 (the paper's 1.01M).
 
-Forward passes (lpt.md 1.3-1.4, 3.2-3.4):
+Forward passes (DongSky/LPT phase2_test/PromptModels_pool/structure.py):
 
 * `classifier_forward`: phase 1 (shared deep prompts in every block), VPT-deep,
   VPT-shallow or no prompt; final-LN class token -> dropout (training) -> head.
@@ -18,7 +18,7 @@ Forward passes (lpt.md 1.3-1.4, 3.2-3.4):
   (shared prompts only, no dropout, no gradient); cosine to the keys, top-k,
   mean of the selected group prompts, which go beside the shared prompt in the
   last G blocks. `fused=True` runs blocks 0..L-G once for both passes (they see
-  identical inputs), the saving of lpt.md 4; `fused=False` is the reference's two
+  identical inputs), the saving; `fused=False` is the reference's two
   full passes.
 * `make_predict`: the fused inference as one jitted function;
   `make_two_pass_predict`: the reference's two separately compiled passes.
@@ -165,7 +165,7 @@ def count(tree: Any) -> int:
 
 def parameter_counts(params: Mapping, spec: PromptSpec) -> dict[str, int]:
   """Per-group counts (arrays or ShapeDtypeStructs); 'prompts' excludes keys and head,
-  the way the paper's "1.01M" is counted (lpt.md 6.2)."""
+  the way the paper's "1.01M" is counted."""
   prompt = params.get("prompt", {})
   out = {name: count(v) for name, v in prompt.items()}
   out["prompts"] = sum(v for k, v in out.items() if k != "keys")

@@ -1,7 +1,7 @@
 """Samplers for LPT's dual sampling: class-aware (CB) and instance-balanced (IB) batches.
 
-Reference (DongSky/LPT `phase2_test/sampler.py`, `train_dual_dualloss.py`; lpt.md
-2.3, 3.6): every training step draws one class-aware batch and one uniformly random
+Reference (DongSky/LPT `phase2_test/sampler.py`, `phase2_test/train_dual_dualloss.py`):
+every training step draws one class-aware batch and one uniformly random
 batch; the loss is L = L_CB + w_e * L_IB with w_e = max(0, 0.5 (E - e) / E).
 
 How a training loop consumes this (the generic loader cuts each sampler's

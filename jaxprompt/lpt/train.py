@@ -7,7 +7,7 @@
   python launch.py --config ... --workdir RUN --stage eval \\
       --config.model.released_checkpoint=LPT_places.pth                    # authors' model
 
-Stages (each resumes from its own checkpoints; lpt.md 2-5):
+Stages (each resumes from its own checkpoints):
 
 1. phase1: shared deep prompts (L, T, D) in every block + cosine head, on the frozen
    tower; A-GCL on a class-aware and an instance-balanced batch per step
@@ -87,7 +87,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   # exist in the tree but are unused and frozen here).
   if stage in (None, "phase1"):
     results["phase1"] = context.train_stage(
-        setup, workdir, "phase1", rules=optim.rules_from_config(config.phase1.rules, 'phase1.rules'), forward=phase1_forward(setup),
+        setup, workdir, "phase1", forward=phase1_forward(setup),
+        rules=optim.rules_from_config(config.phase1.rules, "phase1.rules"),
         init=lambda rng: (setup.init_params(), {}))
 
   # Phase 2: group prompts, keys and head (from phase 1); shared prompts and tower frozen.
@@ -97,7 +98,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
       return context.params_after(workdir, ["phase1"], setup.init_params()), {}
 
     results["phase2"] = context.train_stage(
-        setup, workdir, "phase2", rules=optim.rules_from_config(config.phase2.rules, 'phase2.rules'), forward=phase2_forward(setup), init=init2,
+        setup, workdir, "phase2", forward=phase2_forward(setup), init=init2,
+        rules=optim.rules_from_config(config.phase2.rules, "phase2.rules"),
         seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1")
 
   # Eval: each requested finished stage, on the test split.

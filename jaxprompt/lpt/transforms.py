@@ -1,4 +1,4 @@
-"""Transforms of LPT's recipe (lpt.md 3.6, 9.3), numpy/PIL, returning HWC float32.
+"""Transforms of LPT's recipe (DongSky/LPT phase2_test/datasets.py), numpy/PIL, returning HWC float32.
 
 train: RandomResizedCrop(size) (torchvision defaults: scale (0.08, 1), ratio
        (3/4, 4/3), bilinear) -> RandomHorizontalFlip -> Normalize(0.5, 0.5)

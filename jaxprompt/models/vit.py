@@ -4,7 +4,8 @@ The tower is the plain ViT of timm's `VisionTransformer` (class token with its
 own position embedding, pre-LN blocks, final LayerNorm, class-token feature)
 and of Google's AugReg checkpoints; `load_vit` reads either layout.
 
-Prompts are inputs, never parameters of the tower (DESIGN.md, contract 2):
+Prompts are inputs, never parameters of the tower (so stage rules and checkpoints see
+them as their own subtree):
 
 * **deep prompts** (VPT-deep, LPT): `prompts` has shape `(layers, tokens,
   width)` (shared by the batch) or `(batch, layers, tokens, width)` (per
@@ -27,7 +28,7 @@ placement) gives the same result: after the position embedding is added,
 attention has no notion of order.
 
 The forward is also available in pieces, for LPT's fast inference (the first k
-blocks of the query pass and the main pass see identical inputs, lpt.md 4):
+blocks of the query pass and the main pass see identical inputs):
 
     x = model.apply(v, images, method='embed')
     h = model.apply(v, x, shared, start=0, stop=6, method='run_blocks')
