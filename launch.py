@@ -41,8 +41,10 @@ FLAGS = flags.FLAGS
 
 
 def list_configs() -> str:
-  """One line per config file: its name and the first line of its docstring."""
+  """One line per config file (its name and the first line of its docstring), then the
+  method families `config.pipeline` names."""
   import ast
+  from jaxprompt import methods
   lines = []
   for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.py"), recursive=True)):
     name = os.path.relpath(path, ROOT)
@@ -51,6 +53,8 @@ def list_configs() -> str:
     with open(path) as f:
       doc = ast.get_docstring(ast.parse(f.read())) or ""
     lines.append(f"{name:50s} {doc.splitlines()[0] if doc else ''}")
+  lines.append("\nconfig.pipeline -> driver (each family's recipe: <package>/config.py, with tiny()):")
+  lines += [f"  {k:10s} {v}" for k, v in methods.DRIVERS.items()]
   return "\n".join(lines)
 
 
