@@ -39,6 +39,7 @@ def _stage(seed_ref, precision_ref, fsdp_ref, *, epochs: int, batch_size: int, l
   s.optimizer.lr = lr
   s.optimizer.weight_decay = weight_decay
   s.optimizer.coupled_decay = True   # L2 added to the gradient, not AdamW
+  del s.optimizer["warmup_steps"]    # the per-epoch `lr_schedule` has its own warm-up
   s.batch_size = batch_size
   return s
 

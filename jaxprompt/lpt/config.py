@@ -17,6 +17,11 @@ from jaxprompt.lpt.data import DATASETS
 from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB
 from jaxprompt.trainer import stage_defaults
 
+# The recipes' lr at batch 256 (rescaled linearly with data.batch_size by paper_config): LPT's
+# 0.02 (DongSky/LPT phase2_test/train_dual_dualloss.py), VPT's 0.1 (KMnP/vpt
+# configs/base-prompt.yaml).
+BASE_LR_AT_256 = {"lpt": 0.02, "baselines": 0.1}
+
 # Default `rules` of each stage: [(regex, 'freeze' | 'train' | {lr_mult, wd_mult})] over
 # '/'-joined parameter names, first full match wins (`optim.rules_from_config`).
 # LPT phase 1: shared prompts and head; group prompts and keys exist but stay frozen.
@@ -52,7 +57,9 @@ def stage_config(*, epochs: int, lr: float, weight_decay: float, schedule: str,
   s.optimizer.coupled_decay = True  # torch SGD weight_decay: L2 added to the gradient
   s.optimizer.schedule = schedule
   s.optimizer.warmup_epochs = int(warmup_epochs)
-  s.optimizer.warmup_lr_init = float(warmup_lr_init)
+  if schedule == "lpt_cosine":  # VPT's cosine warms up from 0
+    s.optimizer.warmup_lr_init = float(warmup_lr_init)
+  del s.optimizer["warmup_steps"]  # the per-epoch schedule warms up in epochs
   if optimizer == "sgd":
     s.optimizer.hparams = ml_collections.ConfigDict(dict(momentum=float(momentum),
                                                          nesterov=False))
@@ -138,7 +145,7 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
                    else None)
     if e:
       s.total_epochs = int(e)
-    s.optimizer.lr = float(s.optimizer.base_lr_at_256) * bs / 256.0
+    s.optimizer.lr = BASE_LR_AT_256["lpt" if method == "lpt" else "baselines"] * bs / 256.0
   return c
 
 
@@ -253,14 +260,12 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
       s = stage_config(epochs=90, lr=0.02, weight_decay=0.01, schedule="lpt_cosine",
                        warmup_epochs=1, warmup_lr_init=1e-6, seed_ref=seed_ref,
                        precision_ref=prec_ref, fsdp_ref=fsdp_ref)
-      s.optimizer.base_lr_at_256 = 0.02
       s.rules = tuple(PHASE1_RULES if stage == "phase1" else PHASE2_RULES)
       c[stage] = s
   else:
     s = stage_config(epochs=100, lr=0.1 * 128 / 256, weight_decay=1e-4, schedule="vpt_cosine",
                      warmup_epochs=10, warmup_lr_init=0.0, seed_ref=seed_ref,
                      precision_ref=prec_ref, fsdp_ref=fsdp_ref)
-    s.optimizer.base_lr_at_256 = 0.1
     s.rules = tuple(BASELINE_RULES)
     c.train = s
   return c
