@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import optax
 
+from jaxprompt.convert.io import flatten
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -77,13 +79,9 @@ def rules_from_config(entries: Sequence[Any], where: str = "rules") -> list[tupl
 # ----------------------------------------------------------------------------- names
 
 
-def _items(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-  for k, v in tree.items():
-    name = f"{prefix}{_SEP}{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      yield from _items(v, name)
-    else:
-      yield name, v
+def _items(tree: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+  # The one walker of nested dicts (`convert.io.flatten`): same names, insertion order.
+  return flatten(tree).items()
 
 
 def param_names(tree: Mapping[str, Any]) -> list[str]:
