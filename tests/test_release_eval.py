@@ -31,7 +31,7 @@ from jaxprompt.lpt import evaluate as lt_eval  # noqa: E402
 from jaxprompt.clipreid import ranking as reid_eval  # noqa: E402
 from jaxprompt.clipreid import model as clipreid_model  # noqa: E402
 from jaxprompt.clipreid import train as clipreid
-from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import config as lpt_recipe
 from jaxprompt.lpt import data as lpt_data
 from jaxprompt.lpt import context as cls_common
 from jaxprompt.lpt import train as lpt
@@ -196,7 +196,7 @@ def lt_lists(tmp_path_factory):
 
 
 def lpt_config(root: str, path: str, method: str = "lpt"):
-  c = lpt_config.paper_config("list", method, data_root=root)
+  c = lpt_recipe.paper_config("list", method, data_root=root)
   c.data.train_file = os.path.join(root, "train.txt")
   c.data.test_file = os.path.join(root, "test.txt")
   c.data.eval_batch_size = 8
