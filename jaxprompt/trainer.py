@@ -477,13 +477,14 @@ class _Stage:
     where = (f"The last good checkpoint (step {last}) in {self.ck.directory} is intact"
              if last is not None else f"No checkpoint of stage {self.stage!r} was written")
     if not np.isfinite(row["loss"]):
-      what = f"non-finite loss ({float(row['loss'])}) at step {step}"
+      what = f"non-finite loss ({float(row['loss'])}) at step {step} of stage {self.stage!r}"
     else:
       norms = ", ".join(f"{k}={float(row[k]):.4g}" for k in ("loss", "grad_norm", "param_norm")
                         if k in row)
-      what = f"non-finite state after the update of step {step} ({norms})"
+      what = (f"non-finite state after the update of step {step} of stage {self.stage!r} "
+              f"({norms})")
     return FloatingPointError(
-        f"{what} of stage {self.stage!r}; stopping without saving it. {where}. Lower the "
+        f"{what}; stopping without saving it. {where}. Lower the "
         f"learning rate or check the inputs, then rerun to resume.")
 
   # ------------------------------------------------------------ saving
