@@ -88,8 +88,12 @@ def _fingerprint_fn(mesh):
 class Checkpointer:
   """Save/restore a stage's state; `keep` most recent steps are kept."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` (for readers such as `read_final`) leaves unfinished saves of a running
+    process alone instead of cleaning them up."""
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     self.keep = keep
     self.async_save = async_save
     self.failed = False
@@ -98,8 +102,8 @@ class Checkpointer:
 
   def _open(self) -> None:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=self.keep, create=not self.read_only,
+        enable_async_checkpointing=self.async_save, cleanup_tmp_directories=not self.read_only)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
@@ -165,6 +169,15 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except
         if not self.failed:  # after a failed save, the manager's own re-raise adds nothing
           raise
+
+  def saved_keys(self, step: int) -> set[str]:
+    """The top-level keys of the state tree saved at `step` (empty if unreadable)."""
+    try:
+      tree = self._mngr.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      return set(tree) if isinstance(tree, Mapping) else set()
+    except Exception:  # pylint: disable=broad-except  # restore_latest reports bad steps
+      return set()
 
   def read_meta(self, step: int) -> dict:
     return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -232,7 +245,7 @@ def final_step(directory: str) -> Optional[int]:
   """The step of the stage's final checkpoint, or None if the stage has not finished."""
   if not os.path.isdir(directory):
     return None
-  ck = Checkpointer(directory, async_save=False)
+  ck = Checkpointer(directory, async_save=False, read_only=True)
   try:
     for step in reversed(ck.all_steps()):
       try:
@@ -260,7 +273,7 @@ def read_final(workdir: str, stage: str, shardings: Optional[PyTree] = None
   if step is None:
     raise FileNotFoundError(f"stage {stage!r} has no final checkpoint under {directory}; "
                             f"run that stage first (launch.py --stage={stage})")
-  ck = Checkpointer(directory, async_save=False)
+  ck = Checkpointer(directory, async_save=False, read_only=True)
   try:
     try:
       meta_tree = ck._mngr.item_metadata(step)["state"]

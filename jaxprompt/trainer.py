@@ -279,6 +279,7 @@ class _Stage:
     # Frozen leaves saved with the stage's checkpoints (see `resume_init`).
     self.carry_rules = [(rx, optim.Rule()) for rx in carry] + [(".*", optim.FREEZE)]
     self.carry = bool(carry)
+    self.carry_saved = False
     self.is_main = jax.process_index() == 0
     self.t_start = time.perf_counter()
     self.ck = self.writer = self.progress = None
@@ -307,7 +308,10 @@ class _Stage:
                                     keep=int(get("keep_checkpoints")),
                                     async_save=bool(get("async_checkpoints")))
     own = bool(self.ck.all_steps())
-    lazy = own and resume_init is not None  # the previous stage is not read
+    # Checkpoints written before the stage carried leaves hold none: restore those without.
+    self.carry_saved = self.carry and (
+        not own or "carried" in self.ck.saved_keys(self.ck.latest_step()))
+    lazy = own and resume_init is not None and self.carry_saved  # the previous stage is not read
     self._build(*(resume_init if lazy else init)(init_rng))
     restored, origin = None, f"checkpoint {self.ck.directory}"
     if own:
@@ -364,9 +368,12 @@ class _Stage:
 
   def _abstract_saved(self) -> PyTree:
     sh = dict(state=self.state_sh, rng=shd.replicated(self.mesh))
-    if self.carry:
+    tree = self._saved()
+    if self.carry and self.carry_saved:
       sh["carried"] = optim.split(self.frozen_sh, self.carry_rules)[0]
-    return shd.abstract(self._saved(), sh)
+    else:
+      tree.pop("carried", None)
+    return shd.abstract(tree, sh)
 
   def _apply(self, restored: Optional[tuple[PyTree, dict]], origin: str) -> None:
     stage = self.stage

@@ -304,9 +304,10 @@ def test_sigterm_outside_the_loop_exits_cleanly_and_resumes(tmp_path, phase):
     time.sleep(0.5)
   else:
     p = _launch(workdir, *SHORT, "--config.data.eval_delay_s=0.3")
-    _wait_for(lambda: ckpt_lib.final_step(ckpt_lib.checkpoint_dir(workdir, "stage2")) is not None,
-              p, what="the end of stage 2")
-    time.sleep(0.3)
+    # Stage 2's final checkpoint (step 4) is committed (renamed from its temporary name).
+    final = os.path.join(ckpt_lib.checkpoint_dir(workdir, "stage2"), "4")
+    _wait_for(lambda: os.path.isdir(final), p, what="the end of stage 2")
+    time.sleep(0.6)
   p.send_signal(signal.SIGTERM)
   rc, _, err = _finish(p, timeout=60)
   assert rc == 0, err[-3000:]
