@@ -188,7 +188,7 @@ def main(argv) -> None:
   try:
     init_distributed()
     import jax
-    from jaxprompt import metrics, pipelines, trainer
+    from jaxprompt import metrics, pipelines
 
     metrics.set_console(_console_shows_info())
     config = FLAGS.config
