@@ -215,14 +215,14 @@ def main(argv) -> None:
     module.run(config, workdir, stage=FLAGS.stage)
   except (_Sigterm, KeyboardInterrupt) as e:
     what = "SIGTERM" if isinstance(e, _Sigterm) else "interrupted"
-    msg = (f"{what}: stopped outside a training loop; finished stages and checkpoints are "
+    msg = (f"{what}: stopped between checkpoints; finished stages and saved checkpoints are "
            f"kept; rerun the same command to continue")
-    logging.warning("%s", msg)
+    logging.info("%s", msg)  # the console gets it once, below
     print(f"preempted: {msg}", file=sys.stderr, flush=True)
     _exit(0 if isinstance(e, _Sigterm) else 130)
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ == "Preempted":  # the trainer saved a checkpoint and stopped
-      logging.warning("%s", e)
+      logging.info("%s", e)
       print(f"preempted: {e}", file=sys.stderr, flush=True)
       _exit(0)
     # The full traceback goes to the log file only (the console shows warnings, and
