@@ -9,13 +9,25 @@ The config is locked: overriding a field that does not exist is an error.
 Rerunning the same command resumes from the workdir's checkpoints. Multi-host:
 pass --coordinator_address/--num_processes/--process_id, or --distributed to let
 `jax.distributed.initialize()` read the cluster environment (SLURM, TPU, ...).
+
+The console shows a header, one progress bar per stage or loop over a dataset,
+a line per finished stage and the results; every log line goes to
+`<workdir>/log.txt` (`--verbosity=1` shows them on the console too). An error
+the user can cause is one message and a non-zero exit (the traceback is in
+log.txt; `--traceback` prints it). SIGTERM at any point exits cleanly with a
+message; rerunning the same command continues from where it stopped. Every run
+records its config in `<workdir>/config.json`; a different earlier one is kept
+in `<workdir>/config_history/`.
 """
 from __future__ import annotations
 
 import glob
 import logging as pylogging
 import os
+import signal
 import sys
+import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,6 +48,8 @@ flags.DEFINE_bool("distributed", False,
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("traceback", False, "On an error, print the full traceback (it is always "
+                  "in <workdir>/log.txt).")
 
 FLAGS = flags.FLAGS
 
@@ -82,35 +96,147 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+class _ConsoleFilter(pylogging.Filter):
+  """Orbax's own error reports (with tracebacks, from its background threads) stay in the
+  log file: the failure reaches the console once, as the run's error message."""
+
+  def filter(self, record) -> bool:
+    return "/orbax/" not in record.pathname or record.levelno >= pylogging.CRITICAL
+
+
+class _Sigterm(BaseException):
+  """SIGTERM outside a training loop. A BaseException, so that no `except Exception`
+  on the way (e.g. around a checkpoint read) mistakes it for a failure of its own."""
+
+
+def _on_sigterm(signum, frame) -> None:
+  raise _Sigterm()
+
+
+def _console_shows_info() -> bool:
+  return FLAGS.verbosity >= 1
+
+
+def setup_console() -> None:
+  """absl's stderr handler shows warnings only, unless --verbosity=1 (INFO and up)."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  if _console_shows_info():
+    handler.setLevel(pylogging.INFO)
+  else:
+    handler.setLevel(pylogging.WARNING)
+    handler.addFilter(_ConsoleFilter())
+  pylogging.captureWarnings(True)  # library warnings.warn go through logging too
+
+
+def log_to_file(workdir: str) -> str:
+  """Every log record (INFO and up) is appended to <workdir>/log.txt."""
+  path = os.path.join(workdir, "log.txt")
+  fh = pylogging.FileHandler(path)
+  fh.setLevel(pylogging.DEBUG if FLAGS.verbosity >= 1 else pylogging.INFO)
+  fh.setFormatter(logging.PythonFormatter())
+  fh.addFilter(_QuietLibraries())
+  pylogging.getLogger().addHandler(fh)
+  return path
+
+
+def record_config(workdir: str, text: str) -> None:
+  """Write config.json; an earlier, different one moves to config_history/ (kept)."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.path.getmtime(path)))
+    history = os.path.join(workdir, "config_history")
+    os.makedirs(history, exist_ok=True)
+    dest = os.path.join(history, f"config-{stamp}.json")
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(history, f"config-{stamp}-{n}.json"), n + 1
+    os.replace(path, dest)
+    logging.info("previous config.json kept as %s", dest)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _message(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  if isinstance(e, (FileNotFoundError, ValueError, FloatingPointError, app.UsageError)) or \
+      type(e).__name__ in ("CorruptCheckpointError", "CheckpointSaveError", "WeightFileError",
+                           "WeightMismatchError"):
+    return text
+  return f"{type(e).__name__}: {text}"
+
+
+def _exit(code: int) -> None:
+  """Exit now: after a failed asynchronous save Orbax's background threads can keep the
+  interpreter from exiting, and nothing is left to wait for (logs are flushed first)."""
+  for h in pylogging.getLogger().handlers:
+    h.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def main(argv) -> None:
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  signal.signal(signal.SIGTERM, _on_sigterm)
+  setup_console()
   if FLAGS.list_configs:
     print(list_configs())
     return
-  init_distributed()
-
-  import jax
-  from jaxprompt import methods, trainer
-
-  config = FLAGS.config
-  if "pipeline" not in config:
-    raise app.UsageError("the config has no `pipeline` field")
-  workdir = os.path.abspath(FLAGS.workdir or default_workdir())
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info("jaxprompt: pipeline %s, workdir %s, %d processes, %d devices (%s)",
-               config.pipeline, workdir, jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  module = methods.get(config.pipeline)
+  log_path = None
   try:
+    init_distributed()
+    import jax
+    from jaxprompt import methods, metrics
+
+    metrics.set_console(_console_shows_info())
+    config = FLAGS.config
+    if "pipeline" not in config:
+      raise app.UsageError("the config has no `pipeline` field")
+    workdir = os.path.abspath(FLAGS.workdir or default_workdir())
+    module = methods.get(config.pipeline)
+    validate = getattr(module, "validate_config", None)
+    if callable(validate):
+      validate(config)
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      log_path = log_to_file(workdir)
+      record_config(workdir, config.to_json_best_effort(indent=2))
+      spec = config_flags.get_config_filename(FLAGS["config"])
+      print(f"jaxprompt: {os.path.relpath(spec.partition(':')[0], os.getcwd())} "
+            f"(pipeline {config.pipeline}{', stage ' + FLAGS.stage if FLAGS.stage else ''}) on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"{jax.process_count()} process(es)\n  workdir {workdir}\n  log     {log_path}",
+            file=sys.stderr, flush=True)
+    logging.info("jaxprompt: pipeline %s, workdir %s, %d processes, %d devices (%s)",
+                 config.pipeline, workdir, jax.process_count(), jax.device_count(),
+                 jax.devices()[0].platform)
     module.run(config, workdir, stage=FLAGS.stage)
-  except trainer.Preempted as e:
-    logging.warning("%s", e)
-    print(f"preempted: {e}", file=sys.stderr, flush=True)
-    sys.exit(0)
+  except (_Sigterm, KeyboardInterrupt) as e:
+    what = "SIGTERM" if isinstance(e, _Sigterm) else "interrupted"
+    msg = (f"{what}: stopped between checkpoints; finished stages and saved checkpoints are "
+           f"kept; rerun the same command to continue")
+    logging.info("%s", msg)  # the console gets it once, below
+    print(f"preempted: {msg}", file=sys.stderr, flush=True)
+    _exit(0 if isinstance(e, _Sigterm) else 130)
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ == "Preempted":  # the trainer saved a checkpoint and stopped
+      logging.info("%s", e)
+      print(f"preempted: {e}", file=sys.stderr, flush=True)
+      _exit(0)
+    # The full traceback goes to the log file only (the console shows warnings, and
+    # this record is below that level), or to the console with --traceback.
+    pylogging.getLogger("jaxprompt.launch").info("error:\n%s", traceback.format_exc())
+    if FLAGS.traceback:
+      traceback.print_exc()
+    where = f" (traceback in {log_path})" if log_path else ""
+    print(f"error: {_message(e)}{where}", file=sys.stderr, flush=True)
+    _exit(1)
 
 
 if __name__ == "__main__":

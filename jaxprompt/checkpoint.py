@@ -15,7 +15,12 @@ Each step holds two items:
 Orbax commits a step by renaming a temporary directory, so a run killed during a
 save leaves the previous steps untouched. A step that fails to load, or whose
 contents do not match the fingerprint stored at save time, is reported, moved to
-`<stage>/corrupt_checkpoints/`, and the previous step is tried.
+`<stage>/corrupt_checkpoints/`, and the previous step is tried; a stage's final
+checkpoint read by the next stage (`read_final`, `read_params`) goes through the
+same report-and-quarantine path and names the stage to rerun.
+
+A save that fails, synchronously or in Orbax's background thread, raises
+`CheckpointSaveError` naming the folder at the next `save`, `check` or `wait`.
 """
 from __future__ import annotations
 
@@ -37,7 +42,11 @@ PyTree = Any
 
 
 class CorruptCheckpointError(RuntimeError):
-  pass
+  """A checkpoint does not load or does not match its fingerprint."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the folder."""
 
 
 # ------------------------------------------------------------------ fingerprints
@@ -79,16 +88,22 @@ def _fingerprint_fn(mesh):
 class Checkpointer:
   """Save/restore a stage's state; `keep` most recent steps are kept."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` (for readers such as `read_final`) leaves unfinished saves of a running
+    process alone instead of cleaning them up."""
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     self.keep = keep
     self.async_save = async_save
+    self.failed = False
+    self._pending_step: Optional[int] = None
     self._open()
 
   def _open(self) -> None:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=self.keep, create=not self.read_only,
+        enable_async_checkpointing=self.async_save, cleanup_tmp_directories=not self.read_only)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers=dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
@@ -102,21 +117,67 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *, wait: bool = False) -> None:
     """Write `state` and `meta` (plus the state's fingerprint) as `step`."""
+    self.wait()  # Orbax waits for the previous save anyway; this reports its failure as its own
     meta = dict(meta, step=int(step), fingerprint=fingerprint(state), time=time.time())
-    self._mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._pending_step = int(step)
+    try:
+      self._mngr.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
     if wait:
       self.wait()
+
+  def _save_failed(self, e: BaseException) -> CheckpointSaveError:
+    self.failed = True
+    step = self._pending_step
+    return CheckpointSaveError(
+        f"could not write checkpoint{'' if step is None else f' step {step}'} to "
+        f"{self.directory} ({type(e).__name__}: {_short(e)}); check that the folder exists, is "
+        f"writable and has space. Earlier checkpoints there are intact: rerun the same command "
+        f"to resume from the latest one")
+
+  def check(self) -> None:
+    """Raise `CheckpointSaveError` if a background save has failed (does not wait for one
+    still running)."""
+    try:
+      self._mngr.check_for_errors()
+      if self._pending_step is not None and not self._mngr.is_saving_in_progress():
+        # Orbax keeps the error of a finished save for `wait_until_finished`, which
+        # returns at once now that nothing runs.
+        self._mngr.wait_until_finished()
+        self._pending_step = None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
 
   def delete(self, step: int) -> None:
     self._mngr.delete(int(step))
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+      self._pending_step = None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._mngr.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self.failed:  # after a failed save, the manager's own re-raise adds nothing
+          raise
+
+  def saved_keys(self, step: int) -> set[str]:
+    """The top-level keys of the state tree saved at `step` (empty if unreadable)."""
+    try:
+      tree = self._mngr.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      return set(tree) if isinstance(tree, Mapping) else set()
+    except Exception:  # pylint: disable=broad-except  # restore_latest reports bad steps
+      return set()
 
   def read_meta(self, step: int) -> dict:
     return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -184,7 +245,7 @@ def final_step(directory: str) -> Optional[int]:
   """The step of the stage's final checkpoint, or None if the stage has not finished."""
   if not os.path.isdir(directory):
     return None
-  ck = Checkpointer(directory, async_save=False)
+  ck = Checkpointer(directory, async_save=False, read_only=True)
   try:
     for step in reversed(ck.all_steps()):
       try:
@@ -203,25 +264,38 @@ def read_final(workdir: str, stage: str, shardings: Optional[PyTree] = None
   'opt', 'step'}, 'rng'}`) and meta.
 
   Without `shardings` the arrays come back as host numpy arrays; with a
-  shardings tree (matching the state's structure) they are placed there.
+  shardings tree (matching the state's structure) they are placed there. A final
+  checkpoint that does not load is moved to `corrupt_checkpoints/` and
+  `CorruptCheckpointError` names the stage to rerun.
   """
   directory = checkpoint_dir(workdir, stage)
   step = final_step(directory)
   if step is None:
     raise FileNotFoundError(f"stage {stage!r} has no final checkpoint under {directory}; "
                             f"run that stage first (launch.py --stage={stage})")
-  ck = Checkpointer(directory, async_save=False)
+  ck = Checkpointer(directory, async_save=False, read_only=True)
   try:
-    meta_tree = ck._mngr.item_metadata(step)["state"]
-    tree = getattr(meta_tree, "tree", meta_tree)
-    device = jax.local_devices()[0]
-    if shardings is None:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-          tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
-    else:
-      target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
-                            tree, shardings)
-    state, meta = ck.restore(step, target)
+    try:
+      meta_tree = ck._mngr.item_metadata(step)["state"]
+      tree = getattr(meta_tree, "tree", meta_tree)
+      device = jax.local_devices()[0]
+      if shardings is None:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+            tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
+      else:
+        target = jax.tree.map(
+            lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
+            tree, shardings)
+      state, meta = ck.restore(step, target)
+    except Exception as e:  # any read/parse/verify failure: report, set aside, say what to do
+      moved = ck._quarantine(step)
+      logging.error("checkpoint %s/%d (final of stage %s) is corrupt or unreadable (%s: %s); "
+                    "moved it to %s", directory, step, stage, type(e).__name__, _short(e), moved)
+      raise CorruptCheckpointError(
+          f"the final checkpoint of stage {stage!r} ({directory}/{step}) is corrupt or "
+          f"unreadable ({type(e).__name__}: {_short(e, 160)}); it was moved to {moved}. Rerun "
+          f"stage {stage!r} (launch.py ... --stage={stage}, or the whole pipeline): it resumes "
+          f"from its previous checkpoint and writes a new final one") from e
   finally:
     ck.close()
   if shardings is None:

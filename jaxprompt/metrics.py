@@ -1,4 +1,10 @@
-"""Metrics (JSON lines + TensorBoard) and a progress bar, written by process 0 only."""
+"""Metrics (JSON lines + TensorBoard), progress bars and console lines, from process 0 only.
+
+The console is kept quiet: `say` prints one line (and logs it), `Progress` is a
+stage's bar over steps, `progress` wraps any other loop over a dataset (feature
+caching, evaluation, extraction, conversion) with a bar. Everything else goes to
+the log (`<workdir>/log.txt` under `launch.py`).
+"""
 from __future__ import annotations
 
 import json
@@ -8,11 +14,52 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
 from absl import logging
+
+
+T = TypeVar("T")
+
+# Whether INFO logs already reach the console (`launch.py --verbosity=1`): then `say`
+# only logs, so nothing is printed twice.
+_CONSOLE = {"logs_info": False}
+
+
+def set_console(logs_info: bool) -> None:
+  _CONSOLE["logs_info"] = bool(logs_info)
+
+
+def say(message: str) -> None:
+  """One line for the user on the console (above any progress bar) and in the log."""
+  if jax.process_index() != 0:
+    return
+  logging.info("%s", message)
+  if not _CONSOLE["logs_info"]:
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = "",
+             unit: str = "batch", enabled: Optional[bool] = None) -> Iterator[T]:
+  """`iterable` with a progress bar (count, rate, ETA) on process 0's console.
+
+  For loops over a dataset outside the training loop: feature caching,
+  evaluation, extraction, conversion. `total` defaults to `len(iterable)`.
+  """
+  enabled = (jax.process_index() == 0) if enabled is None else enabled
+  if not enabled:
+    yield from iterable
+    return
+  from tqdm import tqdm
+  if total is None and hasattr(iterable, "__len__"):
+    total = len(iterable)
+  with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+            file=sys.stderr) as bar:
+    yield from bar
 
 
 def _scalar(v: Any) -> float:
@@ -33,7 +80,8 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", buffering=1)
+    self._path = os.path.join(logdir, "metrics.jsonl")
+    self._jsonl = open(self._path, "a", buffering=1)
     if tensorboard:
       self._tb = _BackgroundTensorBoard(os.path.join(logdir, "tb"))
 
@@ -50,6 +98,22 @@ class MetricWriter:
           self._tb.add_scalar(k, v, int(step))
     logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in row.items()
                                                  if k != "step"))
+
+  def drop_after(self, step: int) -> None:
+    """Forget rows past `step` (a resumed run replays those steps)."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    with open(self._path) as f:
+      lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) != len(lines):
+      tmp = self._path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self._path)
+      logging.info("%s: dropped %d rows past step %d", self._path, len(lines) - len(keep), step)
+    self._jsonl = open(self._path, "a", buffering=1)
 
   def text(self, name: str, text: str, step: int = 0) -> None:
     """A block of text (rule table, config) to a file and TensorBoard."""
@@ -73,6 +137,13 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _row_step(line: str) -> int:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):  # a torn last line from a killed run
+    return 1 << 62
 
 
 class _BackgroundTensorBoard:
@@ -135,39 +206,67 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class Progress:
-  """A tqdm bar over steps with images/s and ETA; silent off process 0.
+  """A stage's bar over steps with images/s, ETA and loss; silent off process 0.
 
-  The first step after (re)start is excluded from the throughput because it
-  includes compilation.
+  JAX dispatches steps asynchronously, so the bar moves and throughput is
+  counted only where the loop has waited for results (`done`, called when
+  metrics are fetched). `start` marks the end of the first (compiling) step;
+  the steady-state rate is measured from there.
   """
 
   def __init__(self, total: int, initial: int, batch_size: int, desc: str = "",
                enabled: Optional[bool] = None):
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self.batch_size = batch_size
-    self._t0 = None
+    self._t0: Optional[float] = None  # when step `_n0` was known complete
     self._n0 = initial
+    self._last: tuple[int, float] = (initial, 0.0)
     self._bar = None
     if self.enabled:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
                        dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
-  def update(self, step: int) -> None:
-    if self._bar is None:
-      return
-    self._bar.update(step - self._bar.n)
+  def start(self, step: int) -> None:
+    """Steps up to `step` (the first, compiling one) are complete."""
+    now = time.perf_counter()
+    self._t0, self._n0, self._last = now, step, (step, now)
+    self._advance(step)
+
+  def done(self, step: int, loss: Optional[float] = None) -> float:
+    """Steps up to `step` are complete; returns images/s since the previous call (or NaN)."""
     now = time.perf_counter()
     if self._t0 is None:
-      self._t0, self._n0 = now, step
-    elif now > self._t0:
-      self._bar.set_postfix(img_s=f"{(step - self._n0) * self.batch_size / (now - self._t0):.1f}",
-                            refresh=False)
-
-  def images_per_second(self, step: int) -> float:
-    if self._t0 is None or step <= self._n0:
+      self.start(step)
       return float("nan")
-    return (step - self._n0) * self.batch_size / (time.perf_counter() - self._t0)
+    prev_step, prev_t = self._last
+    ips = (float("nan") if step <= prev_step or now <= prev_t
+           else (step - prev_step) * self.batch_size / (now - prev_t))
+    self._last = (step, now)
+    if self._bar is not None:
+      post = {}
+      if math.isfinite(ips):
+        post["img_s"] = f"{ips:.1f}"
+      if loss is not None:
+        post["loss"] = f"{loss:.4g}"
+      self._bar.set_postfix(post, refresh=False)
+    self._advance(step)
+    return ips
+
+  def update(self, step: int) -> None:
+    """Alias of `done` for callers that only count completed steps."""
+    self.done(step)
+
+  def steady_images_per_second(self) -> float:
+    """Images/s from the end of the first step to the last completed one (NaN if none)."""
+    step, t = self._last
+    if self._t0 is None or step <= self._n0 or t <= self._t0:
+      return float("nan")
+    return (step - self._n0) * self.batch_size / (t - self._t0)
+
+  def _advance(self, step: int) -> None:
+    if self._bar is not None and step > self._bar.n:
+      self._bar.update(step - self._bar.n)
 
   def close(self) -> None:
     if self._bar is not None:

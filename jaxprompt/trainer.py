@@ -13,13 +13,23 @@ A pipeline supplies, per stage:
 * the stage config (`cfg`): seed, duration, optimizer, mesh/sharding, precision,
   checkpoint and log intervals (see `stage_defaults()`).
 
-`run_stage` then reads top to bottom: mesh -> init and split -> optimizer ->
-shardings -> resume (this stage's checkpoints, then `cfg.resume`, then `init`)
--> jitted step -> loop with metrics, checkpoints and fault handling -> final
-checkpoint, which the next stage reads with `jaxprompt.checkpoint.read_params`.
+`run_stage` reads in three named steps: `_Stage.restore` (mesh, init and split,
+optimizer, shardings, then this stage's checkpoints > `cfg.resume` > `init`),
+`_Stage.train` (the jitted step, metrics, periodic checkpoints, SIGTERM) and
+`_Stage.save` (every write goes through it, and only after the state it writes
+was checked finite). The final checkpoint is what the next stage reads with
+`jaxprompt.checkpoint.read_params`.
+
+A stage whose `init` reads the previous stage can pass `resume_init`: the same
+tree without reading it (placeholders of the right shapes for the leaves named
+by `carry`). When the stage has checkpoints of its own, `run_stage` calls
+`resume_init` instead of `init` and restores the `carry` leaves (small frozen
+leaves such as a previous stage's prompts) from its own checkpoint, so a
+damaged earlier stage does not stop a later stage from resuming.
 
 The state is a plain dict `{'params', 'model_state', 'opt', 'step'}`; frozen
-weights travel separately and are never donated or checkpointed.
+weights travel separately and are never donated or checkpointed (but for the `carry`
+leaves).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import functools
 import math
 import os
 import signal
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -60,6 +71,9 @@ def train_step(state: dict, frozen: PyTree, batch: Mapping[str, jax.Array], rng:
                dtype: Any = jnp.float32) -> tuple[dict, dict]:
   """One optimizer step on the trainable params; bind `loss_fn`/`tx`/`dtype` with partial.
 
+  The metrics hold `loss`, `grad_norm`, `param_norm` (of the updated params), the
+  loss function's own metrics and `finite`: whether the updated state is finite.
+
   `rng` is the stage's base key; the step count is folded in, so the update is a
   pure function of (state, frozen, batch, rng) and resuming reproduces it.
   """
@@ -78,8 +92,15 @@ def train_step(state: dict, frozen: PyTree, batch: Mapping[str, jax.Array], rng:
   # Mutable collections keep their float32 storage whatever the compute dtype.
   model_state = precision.cast_floating(model_state, jnp.float32)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
-  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                 param_norm=optax.tree.norm(params))
+  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+  metrics.update(loss=loss, grad_norm=grad_norm, param_norm=param_norm)
+  # Whether the *updated* state is usable: the loss was computed before the update, so
+  # an overflowing update shows only in the new parameters (their norm overflows first).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  for x in jax.tree.leaves(model_state):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      finite &= jnp.all(jnp.isfinite(x))
+  metrics["finite"] = finite
   new_state = dict(params=params, model_state=model_state, opt=opt, step=state["step"] + 1)
   return new_state, metrics
 
@@ -166,6 +187,7 @@ class StageResult:
   state_shardings: dict
   frozen_shardings: PyTree
   meta: dict                  # meta of the final checkpoint
+  timing: dict = dataclasses.field(default_factory=dict)  # steps, seconds, images_per_s
 
   @property
   def params(self) -> PyTree:
@@ -239,209 +261,333 @@ class _SigtermFlag:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.raised))))
 
 
+def _duration(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+class _Stage:
+  """One stage's run in named steps: `restore`, `train`, `save` (see `run_stage`)."""
+
+  def __init__(self, cfg: Mapping, *, workdir: str, stage: str, loss_fn: LossFn, rules: Sequence,
+               loader, make_tx: Optional[Callable], frozen_source: str,
+               mesh: Optional[jax.sharding.Mesh], on_epoch_end: Optional[Callable],
+               carry: Sequence[str]):
+    defaults = stage_defaults()
+    self.get = lambda k: cfg[k] if k in cfg else defaults[k]  # noqa: E731
+    self.stage, self.workdir, self.loss_fn, self.rules = stage, workdir, loss_fn, list(rules)
+    self.loader, self.make_tx, self.frozen_source = loader, make_tx, frozen_source
+    self.mesh, self.on_epoch_end = mesh, on_epoch_end
+    # Frozen leaves saved with the stage's checkpoints (see `resume_init`).
+    self.carry_rules = [(rx, optim.Rule()) for rx in carry] + [(".*", optim.FREEZE)]
+    self.carry = bool(carry)
+    self.carry_saved = False
+    self.is_main = jax.process_index() == 0
+    self.t_start = time.perf_counter()
+    self.ck = self.writer = self.progress = None
+    self.pending: list[tuple[int, dict]] = []
+    self.epoch = self.batch_idx = self.step = 0
+    self.saved_at = -1
+    self.meta: dict = {}
+    self.last_means: dict = {}
+    self.last_eval: dict = {}
+    self.timing: dict = {}
+
+  # ------------------------------------------------------------ restore
+
+  def restore(self, init: InitFn, resume_init: Optional[InitFn]) -> None:
+    """Build the stage and its state: this stage's checkpoints > `cfg.resume` > `init`."""
+    get, stage = self.get, self.stage
+    if self.mesh is None:
+      self.mesh = shd.make_mesh([tuple(a) for a in get("mesh")] if get("mesh")
+                                else shd.mesh_axes(int(get("fsdp") or 0)))
+    logging.info("stage %s: mesh %s over %d devices, %d processes", stage, dict(self.mesh.shape),
+                 self.mesh.size, jax.process_count())
+    init_rng, step_rng = jax.random.split(jax.random.key(int(get("seed"))))
+    self.step_key = np.asarray(jax.random.key_data(step_rng))
+    self.writer = metrics_lib.MetricWriter(os.path.join(self.workdir, stage))
+    self.ck = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(self.workdir, stage),
+                                    keep=int(get("keep_checkpoints")),
+                                    async_save=bool(get("async_checkpoints")))
+    own = bool(self.ck.all_steps())
+    # Checkpoints written before the stage carried leaves hold none: restore those without.
+    self.carry_saved = self.carry and (
+        not own or "carried" in self.ck.saved_keys(self.ck.latest_step()))
+    lazy = own and resume_init is not None and self.carry_saved  # the previous stage is not read
+    self._build(*(resume_init if lazy else init)(init_rng))
+    restored, origin = None, f"checkpoint {self.ck.directory}"
+    if own:
+      restored = self.ck.restore_latest(self._abstract_saved())
+    if restored is None and lazy:  # none of this stage's checkpoints is usable
+      self._build(*init(init_rng))
+    if restored is None and get("resume"):
+      other = ckpt_lib.Checkpointer(get("resume"), async_save=False)
+      try:
+        restored = other.restore_latest(self._abstract_saved())
+      finally:
+        other.close()
+      if restored is None:
+        raise FileNotFoundError(f"{stage}.resume={get('resume')!r} holds no usable checkpoint")
+      origin = f"resume path {get('resume')}"
+    self._apply(restored, origin)
+
+  def _build(self, params: PyTree, model_state: PyTree) -> None:
+    """Split, optimizer, shardings and a step-0 state placed on the mesh."""
+    get, mesh = self.get, self.mesh
+    model_state = model_state or {}
+    trainable, frozen = optim.split(params, self.rules)
+    del params
+    self.n_steps = total_steps(self.loader, epochs=int(get("total_epochs") or 0),
+                               steps=int(get("total_steps") or 0))
+    opt_cfg = get("optimizer")
+    if self.make_tx is None:
+      self.tx, self.learning_rate = default_tx(trainable, self.rules, opt_cfg, self.n_steps)
+    else:
+      self.tx, self.learning_rate = self.make_tx(trainable, self.rules, self.n_steps)
+    table = optim.rule_table(optim.merge(trainable, frozen), self.rules,
+                             base_lr=float(opt_cfg["lr"]),
+                             weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
+    counts = (f"parameters: {_count(trainable) + _count(frozen):,} total, "
+              f"{_count(trainable):,} trainable, {_count(frozen):,} frozen; "
+              f"model state: {_count(model_state):,}; steps: {self.n_steps}")
+    self.writer.text("rules", table + "\n" + counts)
+    rules_sh = [tuple(r) for r in get("sharding_rules")] if get("sharding_rules") \
+        else shd.default_rules("fsdp" in mesh.axis_names)
+    self.state_sh, self.frozen_sh = make_shardings(trainable, frozen, model_state, self.tx, mesh,
+                                                   rules_sh, int(get("fsdp_min_size")))
+    logging.info("parameter shardings:\n  %s", "\n  ".join(
+        shd.describe({"trainable": self.state_sh["params"], "frozen": self.frozen_sh})))
+    self.frozen = shd.put(frozen, self.frozen_sh)
+    self.state = init_state(trainable, model_state, self.tx, self.state_sh)
+    self.rng_data = shd.put(self.step_key, shd.replicated(mesh))
+
+  def _saved(self) -> dict:
+    """The tree a checkpoint holds: the state, the rng and the carried frozen leaves."""
+    tree = dict(state=self.state, rng=self.rng_data)
+    if self.carry:
+      tree["carried"] = optim.split(self.frozen, self.carry_rules)[0]
+    return tree
+
+  def _abstract_saved(self) -> PyTree:
+    sh = dict(state=self.state_sh, rng=shd.replicated(self.mesh))
+    tree = self._saved()
+    if self.carry and self.carry_saved:
+      sh["carried"] = optim.split(self.frozen_sh, self.carry_rules)[0]
+    else:
+      tree.pop("carried", None)
+    return shd.abstract(tree, sh)
+
+  def _apply(self, restored: Optional[tuple[PyTree, dict]], origin: str) -> None:
+    stage = self.stage
+    if restored is None:
+      logging.info("stage %s: starting from init", stage)
+    else:
+      tree, self.meta = restored
+      self.state, self.rng_data = tree["state"], tree["rng"]
+      if "carried" in tree:
+        rest = optim.split(self.frozen, self.carry_rules)[1]
+        self.frozen = optim.merge(tree["carried"], rest)
+      self.epoch, self.batch_idx = int(self.meta["epoch"]), int(self.meta["batch"])
+      if not self.meta.get("final"):
+        metrics_lib.say(f"{stage}: resumed from {origin} at step {self.meta['step']} "
+                        f"(epoch {self.epoch}, batch {self.batch_idx})")
+    self.frozen_ref = dict(source=self.frozen_source,
+                           fingerprint=ckpt_lib.fingerprint(self.frozen))
+    saved_ref = self.meta.get("frozen", {})
+    if saved_ref.get("fingerprint") not in (None, self.frozen_ref["fingerprint"]):
+      logging.warning("stage %s: frozen weights differ from those the checkpoint was trained "
+                      "with (saved source %r, now %r)", stage, saved_ref.get("source"),
+                      self.frozen_source)
+    self.step = int(jax.device_get(self.state["step"]))
+    self.saved_at = self.step if self.ck.latest_step() == self.step else -1
+    # Rows logged past this step by an interrupted run are replayed now: drop them.
+    self.writer.drop_after(self.step)
+
+  @property
+  def finished(self) -> bool:
+    return bool(self.meta.get("final"))
+
+  # ------------------------------------------------------------ the loop
+
+  def train(self, sigterm: _SigtermFlag) -> None:
+    """Steps until the stage's end, flushing metrics, saving and watching for SIGTERM."""
+    get, stage, loader, mesh = self.get, self.stage, self.loader, self.mesh
+    dtype = precision.compute_dtype(get("precision"))
+    step_fn = jit_train_step(self.loss_fn, self.tx, self.state_sh, self.frozen_sh, mesh, dtype)
+    base_rng = jax.random.wrap_key_data(self.rng_data)
+    log_every = max(1, int(get("log_every_steps")))
+    ckpt_every = int(get("ckpt_every_steps") or 0)
+    n_steps, first_step = self.n_steps, self.step
+    self.progress = metrics_lib.Progress(n_steps, self.step, loader.batch_size, desc=stage,
+                                         enabled=self.is_main and bool(get("progress")))
+    with jax.set_mesh(mesh):
+      while self.step < n_steps:
+        n_in_epoch = epoch_steps(loader, self.epoch)
+        if self.batch_idx >= n_in_epoch:  # an epoch with fewer batches than the saved position
+          self.epoch, self.batch_idx = self.epoch + 1, 0
+          continue
+        for local in loader.iterate(self.epoch, self.batch_idx):
+          self.state, m = step_fn(self.state, self.frozen, shd.global_batch(local, mesh), base_rng)
+          self.step += 1
+          self.batch_idx += 1
+          if self.batch_idx == n_in_epoch:
+            self.epoch, self.batch_idx = self.epoch + 1, 0
+          self.pending.append((self.step, m))
+          if self.step == first_step + 1:
+            # Throughput is measured from the end of the compiled first step on.
+            jax.block_until_ready(m)
+            self.progress.start(self.step)
+          if self.step % log_every == 0:
+            self.flush()
+          if ckpt_every and self.step % ckpt_every == 0 and self.step < n_steps:
+            self.save()
+          check_signal = jax.process_count() == 1 or self.step % log_every == 0
+          if check_signal and self.step < n_steps and sigterm.any_process():
+            self.save(wait=True)
+            raise Preempted(f"SIGTERM: saved checkpoint at step {self.step} of stage {stage!r} "
+                            f"in {self.ck.directory}; rerun the same command to resume")
+          if self.step >= n_steps or self.batch_idx == 0:
+            break
+        if self.batch_idx == 0 and self.on_epoch_end is not None:
+          extra = self.on_epoch_end(self.epoch - 1, self.state, self.frozen)
+          if extra:
+            self.last_eval = {k: float(v) for k, v in extra.items()}
+            self.writer.scalars(self.step, {f"eval/{k}": v for k, v in extra.items()})
+    self.flush()
+    self.timing = dict(steps=self.step - first_step,
+                       seconds=time.perf_counter() - self.t_start,
+                       images_per_s=self.progress.steady_images_per_second())
+
+  def flush(self) -> None:
+    """Fetch pending metrics (waiting for their steps), stop on a non-finite state, log."""
+    self.ck.check()  # a failed asynchronous save stops the run here
+    if not self.pending:
+      return
+    rows = jax.device_get([m for _, m in self.pending])
+    for (s, _), row in zip(self.pending, rows):
+      if not (bool(row.get("finite", True)) and np.isfinite(row["loss"])):
+        raise self._blown_up(s, row)
+    keys = [k for k in rows[0] if k != "finite"]
+    means = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    last_step = self.pending[-1][0]
+    lr = self.learning_rate
+    means["lr"] = float(lr(last_step - 1)) if callable(lr) else float(lr)
+    ips = self.progress.done(last_step, loss=means.get("loss"))
+    if math.isfinite(ips):
+      means["images_per_s"] = ips
+    self.writer.scalars(last_step, means)
+    self.last_means = means
+    self.pending.clear()
+
+  def _blown_up(self, step: int, row: Mapping) -> FloatingPointError:
+    self.pending.clear()
+    self.ck.wait()
+    last = self.ck.latest_step()
+    where = (f"The last good checkpoint (step {last}) in {self.ck.directory} is intact"
+             if last is not None else f"No checkpoint of stage {self.stage!r} was written")
+    if not np.isfinite(row["loss"]):
+      what = f"non-finite loss ({float(row['loss'])}) at step {step} of stage {self.stage!r}"
+    else:
+      norms = ", ".join(f"{k}={float(row[k]):.4g}" for k in ("loss", "grad_norm", "param_norm")
+                        if k in row)
+      what = (f"non-finite state after the update of step {step} of stage {self.stage!r} "
+              f"({norms})")
+    return FloatingPointError(
+        f"{what}; stopping without saving it. {where}. Lower the "
+        f"learning rate or check the inputs, then rerun to resume.")
+
+  # ------------------------------------------------------------ saving
+
+  def _position_meta(self, final: bool) -> dict:
+    return dict(stage=self.stage, epoch=self.epoch, batch=self.batch_idx, final=final,
+                frozen=self.frozen_ref, total_steps=self.n_steps)
+
+  def save(self, final: bool = False, wait: bool = False) -> None:
+    """Checkpoint the current step: only after its state was fetched and found finite."""
+    self.flush()
+    if self.saved_at == self.step and final:  # a non-final save of this step: replace it
+      self.ck.wait()
+      self.ck.delete(self.step)
+      self.saved_at = -1
+    if self.saved_at != self.step:  # e.g. SIGTERM right after a periodic save
+      self.ck.save(self.step, self._saved(), self._position_meta(final), wait=wait)
+      self.saved_at = self.step
+    elif wait:
+      self.ck.wait()
+    if final:
+      self.meta = self._position_meta(final=True)
+
+  def report(self) -> None:
+    """The stage's one-line summary on the console."""
+    if not self.timing:
+      metrics_lib.say(f"{self.stage}: already finished at step {self.step} "
+                      f"({self.ck.directory})")
+      return
+    parts = [f"{self.stage}: {self.timing['steps']} steps in {_duration(self.timing['seconds'])}"]
+    ips = self.timing["images_per_s"]
+    if math.isfinite(ips):
+      parts.append(f"{ips:.1f} images/s (steady state, compilation excluded)")
+    if "loss" in self.last_means:
+      parts.append(f"loss {self.last_means['loss']:.4g}")
+    parts += [f"{k} {v:.4g}" for k, v in self.last_eval.items()]
+    metrics_lib.say(", ".join(parts))
+
+  def close(self, failing: bool) -> None:
+    if self.progress is not None:
+      self.progress.close()
+    self.pending.clear()
+    try:
+      if self.ck is not None:
+        self.ck.close()
+    except Exception:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.exception("stage %s: closing the checkpointer after an error", self.stage)
+    finally:
+      if self.writer is not None:
+        self.writer.close()
+
+  def result(self) -> StageResult:
+    return StageResult(self.state, self.frozen, self.mesh, self.state_sh, self.frozen_sh,
+                       self.meta, self.timing)
+
+
 def run_stage(cfg: Mapping, *, workdir: str, stage: str, init: InitFn, loss_fn: LossFn,
               rules: Sequence, loader, make_tx: Optional[Callable] = None,
               frozen_source: str = "", mesh: Optional[jax.sharding.Mesh] = None,
-              on_epoch_end: Optional[Callable[[int, dict, PyTree], Mapping]] = None
+              on_epoch_end: Optional[Callable[[int, dict, PyTree], Mapping]] = None,
+              resume_init: Optional[InitFn] = None, carry: Sequence[str] = ()
               ) -> StageResult:
   """Train one stage to completion (or resume it), returning its final state.
 
   `make_tx(trainable, rules, total_steps) -> (tx, learning_rate)` overrides the
   optimizer built from `cfg.optimizer`. `frozen_source` (a path or name) is
   recorded in checkpoint metadata. `on_epoch_end(epoch, state, frozen)` may
-  return metrics to log (evaluation). Raises `Preempted` after saving on SIGTERM
-  and `FloatingPointError` on a non-finite loss (nothing is saved past the last
-  finite step).
+  return metrics to log (evaluation). `resume_init` and `carry` (regexes over
+  frozen parameter names) let a stage resume from its own checkpoints without
+  reading the previous stage (see the module docstring).
+
+  Raises `Preempted` after saving on SIGTERM, `FloatingPointError` when a step's
+  loss or updated state is not finite (nothing past the last finite step is
+  saved, and the stage is never marked final on such a state), and
+  `jaxprompt.checkpoint.CheckpointSaveError` when a checkpoint cannot be written.
   """
-  defaults = stage_defaults()
-  get = lambda k: cfg[k] if k in cfg else defaults[k]  # noqa: E731
-  stage_dir = os.path.join(workdir, stage)
-  is_main = jax.process_index() == 0
-
-  # --- Mesh -----------------------------------------------------------------
-  if mesh is None:
-    mesh = shd.make_mesh([tuple(a) for a in get("mesh")] if get("mesh")
-                         else shd.mesh_axes(int(get("fsdp") or 0)))
-  logging.info("stage %s: mesh %s over %d devices, %d processes", stage, dict(mesh.shape),
-               mesh.size, jax.process_count())
-
-  # --- Model: init, split into trainable / frozen ---------------------------
-  rng = jax.random.key(int(get("seed")))
-  init_rng, step_rng = jax.random.split(rng)
-  params, model_state = init(init_rng)
-  model_state = model_state or {}
-  trainable, frozen = optim.split(params, rules)
-  del params
-
-  # --- Duration and optimizer -----------------------------------------------
-  n_steps = total_steps(loader, epochs=int(get("total_epochs") or 0),
-                        steps=int(get("total_steps") or 0))
-  opt_cfg = get("optimizer")
-  if make_tx is None:
-    tx, learning_rate = default_tx(trainable, rules, opt_cfg, n_steps)
-  else:
-    tx, learning_rate = make_tx(trainable, rules, n_steps)
-
-  writer = metrics_lib.MetricWriter(stage_dir)
-  table = optim.rule_table(optim.merge(trainable, frozen), rules, base_lr=float(opt_cfg["lr"]),
-                           weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
-  counts = (f"parameters: {_count(trainable) + _count(frozen):,} total, "
-            f"{_count(trainable):,} trainable, {_count(frozen):,} frozen; "
-            f"model state: {_count(model_state):,}; steps: {n_steps}")
-  writer.text("rules", table + "\n" + counts)
-
-  # --- Shardings ------------------------------------------------------------
-  fsdp_on = "fsdp" in mesh.axis_names
-  rules_sh = [tuple(r) for r in get("sharding_rules")] if get("sharding_rules") \
-      else shd.default_rules(fsdp_on)
-  min_size = int(get("fsdp_min_size"))
-  repl = shd.replicated(mesh)
-  state_sh, frozen_sh = make_shardings(trainable, frozen, model_state, tx, mesh, rules_sh, min_size)
-  ckpt_sh = dict(state=state_sh, rng=repl)
-  logging.info("parameter shardings:\n  %s", "\n  ".join(
-      shd.describe({"trainable": state_sh["params"], "frozen": frozen_sh})))
-
-  # --- Initial state (possibly replaced by a checkpoint below) --------------
-  frozen = shd.put(frozen, frozen_sh)
-  state = init_state(trainable, model_state, tx, state_sh)
-  rng_data = shd.put(np.asarray(jax.random.key_data(step_rng)), repl)
-  frozen_ref = dict(source=frozen_source, fingerprint=ckpt_lib.fingerprint(frozen))
-
-  # --- Resume: this stage's checkpoints > cfg.resume > init -----------------
-  ck = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir, stage),
-                             keep=int(get("keep_checkpoints")),
-                             async_save=bool(get("async_checkpoints")))
-  target = shd.abstract(dict(state=state, rng=rng_data), ckpt_sh)
-  restored = ck.restore_latest(target)
-  origin = f"checkpoint {ck.directory}"
-  if restored is None and get("resume"):
-    other = ckpt_lib.Checkpointer(get("resume"), async_save=False)
-    restored = other.restore_latest(target)
-    other.close()
-    if restored is None:
-      raise FileNotFoundError(f"cfg.resume={get('resume')!r} holds no usable checkpoint")
-    origin = f"resume path {get('resume')}"
-  epoch, batch_idx, meta = 0, 0, {}
-  if restored is not None:
-    tree, meta = restored
-    state, rng_data = tree["state"], tree["rng"]
-    epoch, batch_idx = int(meta["epoch"]), int(meta["batch"])
-    logging.info("stage %s: resumed from %s at step %d (epoch %d, batch %d)", stage, origin,
-                 meta["step"], epoch, batch_idx)
-    saved_ref = meta.get("frozen", {})
-    if saved_ref.get("fingerprint") not in (None, frozen_ref["fingerprint"]):
-      logging.warning("stage %s: frozen weights differ from those the checkpoint was trained "
-                      "with (saved source %r, now %r)", stage, saved_ref.get("source"),
-                      frozen_source)
-  else:
-    logging.info("stage %s: starting from init", stage)
-  step = int(jax.device_get(state["step"]))
-  if meta.get("final"):
-    logging.info("stage %s: already finished at step %d", stage, step)
-    ck.close()
-    writer.close()
-    return StageResult(state, frozen, mesh, state_sh, frozen_sh, meta)
-
-  # --- The jitted step --------------------------------------------------------
-  dtype = precision.compute_dtype(get("precision"))
-  step_fn = jit_train_step(loss_fn, tx, state_sh, frozen_sh, mesh, dtype)
-  base_rng = jax.random.wrap_key_data(rng_data)
-
-  # --- Loop -------------------------------------------------------------------
-  log_every = max(1, int(get("log_every_steps")))
-  ckpt_every = int(get("ckpt_every_steps") or 0)
-  pending: list[tuple[int, dict]] = []
-  progress = metrics_lib.Progress(n_steps, step, loader.batch_size, desc=stage,
-                                  enabled=is_main and bool(get("progress")))
-
-  def position_meta(final: bool = False) -> dict:
-    return dict(stage=stage, epoch=epoch, batch=batch_idx, final=final, frozen=frozen_ref,
-                total_steps=n_steps)
-
-  def flush() -> None:
-    """Fetch pending metrics, stop on a non-finite loss, log the means."""
-    if not pending:
-      return
-    rows = jax.device_get([m for _, m in pending])
-    for (s, _), row in zip(pending, rows):
-      if not np.isfinite(row["loss"]):
-        ck.wait()
-        last = ck.latest_step()
-        where = (f"the last good checkpoint (step {last}) in {ck.directory} is intact"
-                 if last is not None else "no checkpoint was written for this stage")
-        pending.clear()
-        raise FloatingPointError(
-            f"non-finite loss ({float(row['loss'])}) at step {s} of stage {stage!r}; stopping. "
-            f"{where}. Lower the learning rate or check the inputs, then rerun to resume.")
-    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    last_step = pending[-1][0]
-    if callable(learning_rate):
-      means["lr"] = float(learning_rate(last_step - 1))
-    else:
-      means["lr"] = float(learning_rate)
-    ips = progress.images_per_second(last_step)
-    if math.isfinite(ips):
-      means["images_per_s"] = ips
-    writer.scalars(last_step, means)
-    pending.clear()
-
-  saved_at = [ck.latest_step() if ck.latest_step() == step else -1]
-
-  def save(final: bool = False, wait: bool = False) -> None:
-    flush()  # never write a checkpoint past a non-finite loss
-    if saved_at[0] == step and final:  # a non-final save of this step exists: replace it
-      ck.wait()
-      ck.delete(step)
-      saved_at[0] = -1
-    if saved_at[0] != step:  # e.g. SIGTERM right after a periodic save
-      ck.save(step, dict(state=state, rng=rng_data), position_meta(final), wait=wait)
-      saved_at[0] = step
-    elif wait:
-      ck.wait()
-
-  sigterm = _SigtermFlag()
-  try:
-    with sigterm, jax.set_mesh(mesh):
-      while step < n_steps:
-        n_in_epoch = epoch_steps(loader, epoch)
-        if batch_idx >= n_in_epoch:  # an epoch with fewer batches than the saved position
-          epoch, batch_idx = epoch + 1, 0
-          continue
-        for local in loader.iterate(epoch, batch_idx):
-          batch = shd.global_batch(local, mesh)
-          state, m = step_fn(state, frozen, batch, base_rng)
-          step += 1
-          batch_idx += 1
-          if batch_idx == n_in_epoch:
-            epoch, batch_idx = epoch + 1, 0
-          pending.append((step, m))
-          progress.update(step)
-          if step % log_every == 0:
-            flush()
-          if ckpt_every and step % ckpt_every == 0 and step < n_steps:
-            save()
-          check_signal = jax.process_count() == 1 or step % log_every == 0
-          if check_signal and step < n_steps and sigterm.any_process():
-            save(wait=True)
-            raise Preempted(f"SIGTERM: saved checkpoint at step {step} of stage {stage!r} in "
-                            f"{ck.directory}; rerun the same command to resume")
-          if step >= n_steps or batch_idx == 0:
-            break
-        if batch_idx == 0 and on_epoch_end is not None:
-          extra = on_epoch_end(epoch - 1, state, frozen)
-          if extra:
-            writer.scalars(step, {f"eval/{k}": v for k, v in extra.items()})
-      save(final=True, wait=True)
-      meta = position_meta(final=True)
-      if sigterm.raised:  # arrived during the last step: the stage is done, stop the pipeline
-        raise Preempted(f"SIGTERM: stage {stage!r} finished and saved at step {step}; rerun the "
-                        f"same command to continue with the next stage")
-  finally:
-    progress.close()
-    pending.clear()
+  run = _Stage(cfg, workdir=workdir, stage=stage, loss_fn=loss_fn, rules=rules, loader=loader,
+               make_tx=make_tx, frozen_source=frozen_source, mesh=mesh,
+               on_epoch_end=on_epoch_end, carry=carry)
+  with _SigtermFlag() as sigterm:
+    ok = False
     try:
-      ck.close()
+      run.restore(init, resume_init)
+      if not run.finished:
+        run.train(sigterm)
+        run.save(final=True, wait=True)
+      ok = True
     finally:
-      writer.close()
-  logging.info("stage %s: finished at step %d", stage, step)
-  return StageResult(state, frozen, mesh, state_sh, frozen_sh, meta)
+      run.close(failing=not ok)
+    if sigterm.raised:  # arrived after the last step or while restoring a finished stage
+      raise Preempted(f"SIGTERM: stage {stage!r} finished and saved at step {run.step}; rerun "
+                      f"the same command to continue with the next stage")
+  run.report()
+  logging.info("stage %s: finished at step %d", stage, run.step)
+  return run.result()

@@ -27,7 +27,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c.data.nan_at_batch = 4  # the 5th step of epoch 0 sees NaN inputs
   c.stage1.log_every_steps = 1
   with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 5 of stage "
-                     r"'stage1'; stopping\. the last good checkpoint \(step 4\)"):
+                     r"'stage1'; stopping without saving it\. The last good checkpoint \(step 4\)"):
     toy.run(c, str(tmp_path), stage="stage1")
   ckdir = ckpt_lib.checkpoint_dir(str(tmp_path), "stage1")
   ck = ckpt_lib.Checkpointer(ckdir, async_save=False)

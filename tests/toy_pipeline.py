@@ -3,12 +3,20 @@
 It mirrors the shape of the real pipelines (a tower, a `prompt` group and a
 `head`; stage 1 learns prompt + head on a frozen tower, stage 2 fine-tunes the
 tower and head starting from stage 1's final checkpoint) and is small enough
-for tests. Test hooks in `config.data`: `delay_s` slows decoding so a test can
-signal the process mid-run; `nan_at_batch` makes every sample of that global
-batch NaN.
+for tests. Like the real pipelines it caches "features" before stage 1 and
+evaluates after stage 2 (both loops wrapped in `metrics.progress`).
+
+Test hooks: `data.delay_s` slows decoding so a test can signal the process
+mid-run; `data.nan_at_batch` makes every sample of that global batch NaN;
+`data.cache_delay_s` / `data.eval_delay_s` slow the caching / evaluation loops
+(per record / per batch); `data.step_delay_s` makes every train step take that
+long on the device (a host callback), for throughput tests; `<stage>.lr_spike_at`
+sets the learning rate of that step to 1e30, so its *update* overflows while its
+loss is finite.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional
 
@@ -20,6 +28,7 @@ import ml_collections
 import optax
 
 from jaxprompt import checkpoint as ckpt_lib
+from jaxprompt import metrics
 from jaxprompt import optim
 from jaxprompt import trainer
 from jaxprompt.data import Loader, ShuffleSampler
@@ -39,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       seed=0, num_records=64, image_size=8, num_classes=4, batch_size=8, workers=2,
-      delay_s=0.0, nan_at_batch=-1))
+      delay_s=0.0, nan_at_batch=-1, cache_delay_s=0.0, eval_delay_s=0.0, step_delay_s=0.0))
   c.model = ml_collections.ConfigDict(dict(width=16, dropout=0.1))
 
   for name, epochs, lr in (("stage1", 3, 1e-2), ("stage2", 2, 3e-3)):
@@ -52,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.ckpt_every_steps = 8
     s.log_every_steps = 4
     s.fsdp_min_size = 0
+    s.lr_spike_at = -1
     c[name] = s
   return c
 
@@ -102,7 +112,11 @@ def make_loss_fn(config):
   tower, head = make_model(config)
   rate = float(config.model.dropout)
 
+  delay = float(config.data.step_delay_s)
+
   def loss_fn(params, model_state, batch, rng):
+    if delay:
+      batch = dict(batch, image=_sleep_on_device(batch["image"], delay))
     h, upd = tower.apply({"params": params["img"], "batch_stats": model_state["batch_stats"]["img"]},
                          batch["image"], params["prompt"]["ctx"], train=True,
                          mutable=["batch_stats"])
@@ -115,6 +129,71 @@ def make_loss_fn(config):
     return loss, ({"batch_stats": {"img": upd["batch_stats"]}}, {"accuracy": acc})
 
   return loss_fn
+
+
+def _sleep_on_device(x: jax.Array, seconds: float) -> jax.Array:
+  """`x`, once `seconds` have passed on the host while the step runs (a host callback,
+  so dispatching the step returns at once, as on an accelerator)."""
+  def host(v):
+    time.sleep(seconds)
+    return np.zeros((), np.float32)
+  dep = jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.float32), jnp.sum(x[:1]))
+  return x + dep.astype(x.dtype)
+
+
+def make_tx(cfg):
+  """`run_stage`'s make_tx with the learning rate of step `cfg.lr_spike_at` set to 1e30."""
+  spike, lr = int(cfg.lr_spike_at), float(cfg.optimizer.lr)
+
+  def build(trainable, rules, total_steps):
+    sched = lambda count: jnp.where(count == spike - 1, 1e30, lr)  # noqa: E731
+    return optim.make_optimizer(trainable, rules, name="adam", learning_rate=sched), sched
+
+  return build if spike > 0 else None
+
+
+def cache_features(config, workdir: str) -> None:
+  """A stand-in for a pipeline's feature cache: one pass over the records, then a file."""
+  path = os.path.join(workdir, "feature_cache.npz")
+  if os.path.exists(path):
+    return
+  records = make_records(config)
+  feats = []
+  for image, _ in metrics.progress(records, desc="caching features", unit="image"):
+    if config.data.cache_delay_s:
+      time.sleep(config.data.cache_delay_s)
+    feats.append(image.mean())
+  os.makedirs(workdir, exist_ok=True)
+  np.savez(path + ".tmp.npz", feats=np.asarray(feats))
+  os.replace(path + ".tmp.npz", path)
+
+
+def evaluate(config, workdir: str, result) -> dict:
+  """Accuracy of the final model on the training records (results.json)."""
+  tower, head = make_model(config)
+  variables = result.params
+  model_state = result.state["model_state"]
+
+  @jax.jit
+  def predict(params, model_state, images):
+    h = tower.apply({"params": params["img"], "batch_stats": model_state["batch_stats"]["img"]},
+                    images, params["prompt"]["ctx"], train=False)
+    return jnp.argmax(head.apply({"params": params["head"]}, h), -1)
+
+  records = make_records(config)
+  bs = int(config.data.batch_size)
+  correct = 0
+  for i in metrics.progress(range(0, len(records), bs), desc="evaluating"):
+    if config.data.eval_delay_s:
+      time.sleep(config.data.eval_delay_s)
+    chunk = records[i:i + bs]
+    images = np.stack([r[0] for r in chunk])
+    pred = np.asarray(predict(variables, model_state, images))
+    correct += int(np.sum(pred == np.asarray([r[1] for r in chunk])))
+  out = {"accuracy": correct / len(records)}
+  metrics.write_json(os.path.join(workdir, "results.json"), out)
+  metrics.say(f"toy: accuracy {out['accuracy']:.3f}")
+  return out
 
 
 def make_records(config) -> list[tuple[np.ndarray, int]]:
@@ -158,21 +237,29 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
 
   # Stage 1: learn the prompt and the head on the frozen tower.
   if stage in (None, "stage1"):
+    cache_features(config, workdir)
     results["stage1"] = trainer.run_stage(
         config.stage1, workdir=workdir, stage="stage1",
         init=lambda rng: init_params(config, jax.random.key(config.seed)),
         loss_fn=loss_fn, rules=STAGE1_RULES, loader=make_loader(config, config.seed),
-        frozen_source=f"toy-init(seed={config.seed})")
+        make_tx=make_tx(config.stage1), frozen_source=f"toy-init(seed={config.seed})")
 
-  # Stage 2: fine-tune the tower and head from stage 1's final checkpoint.
+  # Stage 2: fine-tune the tower and head from stage 1's final checkpoint. Stage 1's
+  # prompt is frozen here and carried in stage 2's checkpoints, so a resumed stage 2
+  # does not read stage 1 (`resume_init` leaves the prompt's placeholder to the restore).
   if stage in (None, "stage2"):
+    def resume_init2(rng):
+      return init_params(config, jax.random.key(config.seed))
+
     def init2(rng):
-      params, _ = init_params(config, jax.random.key(config.seed))
+      params, _ = resume_init2(rng)
       trained, model_state = ckpt_lib.read_params(workdir, "stage1")
       return optim.merge(trained, optim.split(params, STAGE1_RULES)[1]), model_state
 
     results["stage2"] = trainer.run_stage(
         config.stage2, workdir=workdir, stage="stage2", init=init2, loss_fn=loss_fn,
         rules=STAGE2_RULES, loader=make_loader(config, config.seed + 1),
-        frozen_source="stage1")
+        make_tx=make_tx(config.stage2), frozen_source="stage1",
+        resume_init=resume_init2, carry=["prompt/.*"])
+    results["eval"] = evaluate(config, workdir, results["stage2"])
   return results

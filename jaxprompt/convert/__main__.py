@@ -5,13 +5,16 @@
 
 The arrays keep the reference names (OpenAI CLIP, open_clip, timm or AugReg), so
 `load_clip` / `load_vit` map them exactly as they map the original file. The
-output is validated by building the tower from it before it is written.
+output is validated by building the tower from it before it is written. A file
+that cannot be read or does not fit a tower is one error line and exit status 1
+(`--traceback` shows where it came from).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from jaxprompt import metrics
 from jaxprompt.convert import io
 
 
@@ -37,20 +40,39 @@ def validate(arrays: dict, family: str) -> None:
     load_vit(arrays)
 
 
+def convert(src: str, dst: str, check: bool = True) -> str:
+  """Read, detect, validate, write; one progress bar over the four phases."""
+  arrays, family = {}, ""
+  phases = ["read", "detect layout", "check"] if check else ["read", "detect layout"]
+  for phase in metrics.progress(phases + ["write"], desc=f"converting {src}", unit="phase",
+                                enabled=True):
+    if phase == "read":
+      arrays = io.read_arrays(src)
+    elif phase == "detect layout":
+      family = detect_family(arrays)
+    elif phase == "check":
+      validate(arrays, family)
+    else:
+      io.write_arrays(dst, arrays)
+  n = sum(int(a.size) for a in arrays.values())
+  return f"{src} -> {dst}: {family} layout, {len(arrays)} arrays, {n:,} values"
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxprompt.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="checkpoint: .pt/.pth (state dict or TorchScript), .safetensors, .npz")
   p.add_argument("dst", help="output .npz or .safetensors")
   p.add_argument("--no-check", action="store_true", help="skip building the tower from the output")
+  p.add_argument("--traceback", action="store_true", help="on an error, print the traceback")
   args = p.parse_args(argv)
-  arrays = io.read_arrays(args.src)
-  family = detect_family(arrays)
-  if not args.no_check:
-    validate(arrays, family)
-  io.write_arrays(args.dst, arrays)
-  n = sum(int(a.size) for a in arrays.values())
-  print(f"{args.src} -> {args.dst}: {family} layout, {len(arrays)} arrays, {n:,} values")
+  try:
+    print(convert(args.src, args.dst, check=not args.no_check))
+  except (OSError, ValueError, ImportError) as e:  # what a wrong file or path gives
+    if args.traceback:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -5,12 +5,21 @@ the file formats live here once: `.npz` and `.safetensors` need nothing beyond
 numpy; `.pt`/`.pth`/`.bin` (plain state dicts, wrapped checkpoints and OpenAI's
 TorchScript archives) import torch lazily. `python -m jaxprompt.convert` turns a
 torch file into an `.npz` that loads without torch.
+
+Reading never runs code from a file: `.npz` object arrays are refused, torch
+state dicts load with `torch.load(..., weights_only=True)` (tensors, containers,
+numbers and an `argparse.Namespace` of training arguments), and OpenAI's
+TorchScript archives go through `torch.jit.load`. A file that cannot be read
+raises `WeightFileError` naming it (and the config field it came from, when the
+caller says).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import zipfile
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -19,6 +28,14 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 class WeightMismatchError(ValueError):
   """A checkpoint does not fit the model; the message is a readable diff."""
+
+
+class WeightFileError(ValueError):
+  """A weight file that cannot be read (corrupt, wrong format, or unsafe to load)."""
+
+
+def _where(path: str, field: Optional[str]) -> str:
+  return f"{path!r}" + (f" (config field {field})" if field else "")
 
 
 def _import_torch(path: str):
@@ -57,35 +74,103 @@ def as_numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
-def read_torch(path: str) -> dict[str, np.ndarray]:
-  torch = _import_torch(path)
-  if _is_torchscript(path):
-    obj = torch.jit.load(path, map_location="cpu").state_dict()
-  else:
-    obj = _unwrap(torch.load(path, map_location="cpu", weights_only=False), path)
-  out = {}
-  for k, v in obj.items():
-    if hasattr(v, "detach"):
-      k = k[len("module."):] if k.startswith("module.") else k
-      out[k] = as_numpy(v)
+def _safe_globals() -> list:
+  """Classes besides tensors that training checkpoints commonly hold and that are safe
+  to rebuild (no code runs): argparse namespaces of arguments, numpy scalars."""
+  out: list = [argparse.Namespace]
+  core = getattr(np, "_core", None) or getattr(np, "core", None)
+  scalar = getattr(getattr(core, "multiarray", None), "scalar", None)
+  if scalar is not None:
+    out += [scalar, np.dtype]
+    out += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
   return out
 
 
-def read_arrays(path: str) -> dict[str, np.ndarray]:
-  """Reads a weight file into a flat `{name: float32/int array}` dict."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"weight file not found: {path!r}")
-  if path.endswith(".npz"):
+def read_torch(path: str, field: Optional[str] = None) -> dict[str, np.ndarray]:
+  """A torch file's tensors as numpy: a (wrapped) state dict with `weights_only=True`, or
+  an OpenAI TorchScript archive through `torch.jit.load`."""
+  torch = _import_torch(path)
+  where = _where(path, field)
+  if _is_torchscript(path):
+    try:
+      obj = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:  # pylint: disable=broad-except
+      raise WeightFileError(f"cannot read {where} as a TorchScript archive: "
+                            f"{type(e).__name__}: {_first_line(e)}") from None
+  else:
+    try:
+      with torch.serialization.safe_globals(_safe_globals()):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      found = re.search(r"GLOBAL ([\w.]+)", str(e))
+      if found:  # the pickle names a class or function beyond the allowed ones
+        raise WeightFileError(
+            f"refusing to load {where}: it holds Python objects ({found.group(1)}) besides "
+            f"tensors, containers and numbers, and unpickling them could run code from the "
+            f"file. If you trust it, re-save only its state dict and pass that file") from None
+      # Not torch's own text: it suggests weights_only=False, which would run the file.
+      detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+      reason = detail.group(1).strip() if detail else f"{type(e).__name__}"
+      if not detail and "Weights only" not in str(e):
+        reason += f": {_first_line(e)}"
+      raise WeightFileError(f"cannot read {where}: not a readable PyTorch file "
+                            f"({reason})") from None
+    try:
+      obj = _unwrap(loaded, path)
+    except ValueError as e:
+      raise WeightFileError(f"{e}" + (f" (config field {field})" if field else "")) from None
+  out = {}
+  for k, v in obj.items():
+    if hasattr(v, "detach"):
+      out[strip_module(k)] = as_numpy(v)
+  return out
+
+
+def _first_line(e: BaseException, n: int = 200) -> str:
+  line = (str(e).strip().splitlines() or [""])[0]
+  return line if len(line) <= n else line[:n] + "..."
+
+
+def _read_npz(path: str, where: str) -> dict[str, np.ndarray]:
+  if not zipfile.is_zipfile(path):
+    raise WeightFileError(f"cannot read {where}: not an .npz (zip) archive")
+  try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e) or "pickled" in str(e):
+      raise WeightFileError(f"refusing to load {where}: it holds Python object arrays, not "
+                            f"plain numeric arrays") from None
+    raise WeightFileError(f"cannot read {where}: {_first_line(e)}") from None
+  except Exception as e:  # pylint: disable=broad-except  # bad zip members, CRC errors
+    raise WeightFileError(f"cannot read {where}: a damaged .npz archive "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def read_arrays(path: str, field: Optional[str] = None) -> dict[str, np.ndarray]:
+  """Reads a weight file into a flat `{name: float32/int array}` dict.
+
+  `field` names the config field the path came from, for the error messages.
+  """
+  path = os.fspath(path)
+  where = _where(path, field)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"weight file not found: {where}")
+  if os.path.isdir(path):
+    raise WeightFileError(f"{where} is a directory, not a weight file")
+  if path.endswith(".npz"):
+    return _read_npz(path, where)
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # pylint: disable=broad-except
+      raise WeightFileError(f"cannot read {where}: not a valid .safetensors file "
+                            f"({type(e).__name__}: {_first_line(e)})") from None
   if path.endswith(TORCH_SUFFIXES) or zipfile.is_zipfile(path):
-    return read_torch(path)
-  raise ValueError(f"{path!r}: unknown weight format; expected .npz, .safetensors or a torch "
-                   f"file ({', '.join(TORCH_SUFFIXES)})")
+    return read_torch(path, field)
+  raise WeightFileError(f"{where}: unknown weight format; expected .npz, .safetensors or a "
+                        f"torch file ({', '.join(TORCH_SUFFIXES)})")
 
 
 def write_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -155,8 +240,8 @@ def strip_module(name: str) -> str:
   return name[len("module."):] if name.startswith("module.") else name
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]
-                    ) -> tuple[dict[str, np.ndarray], str]:
+def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]],
+                    field: Optional[str] = None) -> tuple[dict[str, np.ndarray], str]:
   """(flat {name: array}, a label for messages) from a weight file or an in-memory state
   dict (unwrapped from 'state_dict' / 'model' / 'module' entries; `module.` stripped;
   non-array entries dropped)."""
@@ -166,4 +251,5 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]
         source = source[key]
     return ({strip_module(k): as_numpy(v) for k, v in source.items() if hasattr(v, "shape")},
             "state dict")
-  return {strip_module(k): v for k, v in read_arrays(source).items()}, repr(os.fspath(source))
+  return ({strip_module(k): v for k, v in read_arrays(source, field).items()},
+          repr(os.fspath(source)))
