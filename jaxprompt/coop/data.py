@@ -215,7 +215,8 @@ def read_fgvc_aircraft(root: str) -> dict[str, list[Datum]]:
 
 
 def read_folder(root: str) -> list[Datum]:
-  """A user's own data: `root/<class name>/*.jpg`, classes sorted, labels in that order."""
+  """A user's own data: `root/<class name>/*.jpg`, classes sorted, labels in that order
+  (`build('folder', root)` reads `root/train/` and `root/test/` when both exist)."""
   classes = [d for d in _listdir(root, sort=True) if os.path.isdir(os.path.join(root, d))]
   if not classes:
     raise FileNotFoundError(f"{root}: no class folders (expected root/<class>/<image>)")
@@ -287,8 +288,12 @@ def build(name: str, root: str, *, shots: int = 16, seed: int = 1, subsample: st
   elif name == "fgvc_aircraft":
     splits = read_fgvc_aircraft(root)
   elif name == "folder":
-    items = read_folder(root)
-    splits = dict(train=items, val=[], test=items)
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+      splits = dict(train=read_folder(os.path.join(root, "train")), val=[],
+                    test=read_folder(os.path.join(root, "test")))
+    else:  # one folder: train and test are the same images
+      items = read_folder(root)
+      splits = dict(train=items, val=[], test=items)
   else:
     base = os.path.join(root, folder)
     splits = read_split_json(os.path.join(base, split_file), os.path.join(base, sub))
