@@ -38,7 +38,7 @@ from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
 from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
-                                   trainer)
+                                   shd, trainer)
 
 STAGES = ("train", "eval", "table")
 RULES = [(r"prompt/.*", optim.Rule()), (r".*", optim.FREEZE)]
@@ -153,8 +153,15 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.seed = seed
   cfg.precision = config.clip.precision
+  mesh = None
+  n_dev = jax.device_count()
+  if not cfg.get("mesh") and not cfg.get("fsdp") and bs % n_dev:
+    # CoCoOp trains with batch 1: data-parallel over the devices that divide the batch.
+    d = math.gcd(bs, n_dev)
+    logging.warning("batch %d does not split over %d devices; training on %d", bs, n_dev, d)
+    mesh = shd.make_mesh([(shd.DATA, d)], devices=jax.devices()[:d])
   result = trainer.run_stage(cfg, workdir=seed_dir, stage="train", init=init, loss_fn=loss_fn,
-                             rules=RULES, loader=loader,
+                             rules=RULES, loader=loader, mesh=mesh,
                              make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
                              frozen_source=str(config.clip.weights))
   return jax.device_get(result.state["params"]["prompt"])
