@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
       n_ctx=16, ctx_init="", csc=False, class_token_position="end"))
   c.data = ml_collections.ConfigDict(dict(
       name="caltech101", root="", shots=16, classnames_file="",
-      batch_size=32, test_batch_size=100, workers=4))
+      batch_size=32, test_batch_size=100, workers=4,
+      crop_scale=(0.08, 1.0)))  # RandomResizedCrop's area range (Dassl's default)
   c.seeds = (1, 2, 3)
   # Training stage: SGD 0.002, momentum 0.9, coupled weight decay 5e-4, one constant warmup
   # epoch at 1e-5, then cosine over all epochs, stepped per epoch.

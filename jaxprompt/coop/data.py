@@ -358,9 +358,10 @@ def random_resized_crop_box(rng: np.random.Generator, w: int, h: int,
   return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def train_transform(img: Image.Image, rng: np.random.Generator, size: int = 224) -> np.ndarray:
-  """RandomResizedCrop(size, (0.08, 1), (3/4, 4/3), bicubic), flip p=0.5, CLIP normalisation."""
-  top, left, ch, cw = random_resized_crop_box(rng, *img.size)
+def train_transform(img: Image.Image, rng: np.random.Generator, size: int = 224,
+                    scale: Sequence[float] = (0.08, 1.0)) -> np.ndarray:
+  """RandomResizedCrop(size, scale, (3/4, 4/3), bicubic), flip p=0.5, CLIP normalisation."""
+  top, left, ch, cw = random_resized_crop_box(rng, *img.size, scale=tuple(scale))
   # Crop, then resize (torchvision resized_crop); PIL's resize(box=) would filter across the box.
   img = img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BICUBIC)
   x = np.asarray(img)
@@ -369,10 +370,10 @@ def train_transform(img: Image.Image, rng: np.random.Generator, size: int = 224)
   return _normalize(x)
 
 
-def make_decode(train: bool, size: int = 224):
+def make_decode(train: bool, size: int = 224, scale: Sequence[float] = (0.08, 1.0)):
   """Loader decode function for Datum records: {'image', 'label'}."""
   def decode(d: Datum, rng: np.random.Generator) -> dict:
     img = load_image(d.impath)
-    x = train_transform(img, rng, size) if train else test_transform(img, size)
+    x = train_transform(img, rng, size, scale) if train else test_transform(img, size)
     return {"image": x, "label": np.int32(d.label)}
   return decode

@@ -148,7 +148,8 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
   if n == 0:
     raise ValueError(f"dataset {config.data.name!r}: empty training set")
   bs = min(int(config.data.batch_size), n)
-  loader = Loader(splits.train, data_lib.make_decode(True, config.clip.image_size),
+  loader = Loader(splits.train, data_lib.make_decode(True, config.clip.image_size,
+                                                    tuple(config.data.crop_scale)),
                   ShuffleSampler(n, seed), bs, seed=seed, workers=int(config.data.workers))
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.seed = seed
