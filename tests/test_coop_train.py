@@ -224,3 +224,59 @@ def test_resume_after_sigkill_matches_uninterrupted(e2e):
   # Evaluation of the resumed run: base on the trained classes, new rebuilt from new names.
   out = train.run(_config(data, "coop", weights), work, stage="eval")
   assert set(out["per_seed"][1]) == {"base", "new"}
+
+
+def test_rules_train_the_prompt_only():
+  params = {"img": {"conv1": {"kernel": 0}}, "txt": {"logit_scale": 0, "token_embedding": 0},
+            "prompt": {"ctx": 0, "meta_net": {"linear1": {"bias": 0}}}}
+  trained = sorted(n for n, r in train.optim.resolve(params, train.RULES).items() if r.train)
+  assert trained == ["prompt/ctx", "prompt/meta_net/linear1/bias"]  # logit scale stays frozen
+
+
+def test_drop_last_rule():
+  assert train.train_batch_size(10, 32) == 10   # 1-shot EuroSAT: one batch of 10
+  assert train.train_batch_size(40, 32) == 32   # 4-shot EuroSAT: one batch of 32, 8 dropped
+  assert 1600 // train.train_batch_size(1600, 32) == 50  # 16-shot Caltech101: 50 steps
+
+
+def test_protocol_table_command(tmp_path, capsys):
+  for name, (b, n) in list(COCOOP.items())[:3]:
+    d = tmp_path / name
+    d.mkdir()
+    summary = {"base": {"mean": b}, "new": {"mean": n}, "H": {"mean": evaluate.harmonic(b, n)}}
+    train.metrics_lib.write_json(str(d / "results.json"), dict(
+        dataset=name, summary=summary, paper={"base": b, "new": n}))
+  evaluate.main([str(tmp_path / k) for k in list(COCOOP)[:3]])
+  out = capsys.readouterr().out
+  assert "Average" in out and "(75.98)" in out
+  avg = evaluate.average_row({k: {"base": b, "new": n} for k, (b, n) in list(COCOOP.items())[:3]})
+  assert f"{avg['H']:.2f}" in out
+
+
+def test_released_prompt_evaluates_through_the_pipeline(e2e):
+  torch = pytest.importorskip("torch")
+  tmp, weights = e2e
+  cfg = _config(str(tmp / "data"), "cocoop", weights)
+  cfg.prompt.n_ctx, cfg.prompt.ctx_init = 4, "a photo of a"
+  model, variables = train.load_model(cfg)
+  prompt = M.init_prompt(jax.random.key(7), train.spec_of(cfg), width=64, embed_dim=32,
+                         token_embedding=variables["params"]["txt"]["token_embedding"])
+  sd = {"ctx": torch.from_numpy(np.array(prompt["ctx"])),
+        "token_prefix": torch.zeros(1), "token_suffix": torch.zeros(1)}
+  for layer in ("linear1", "linear2"):
+    sd[f"meta_net.{layer}.weight"] = torch.from_numpy(np.array(prompt["meta_net"][layer]["kernel"]).T)
+    sd[f"meta_net.{layer}.bias"] = torch.from_numpy(np.array(prompt["meta_net"][layer]["bias"]))
+  d = tmp / "released" / "seed1" / "prompt_learner"
+  d.mkdir(parents=True)
+  torch.save({"state_dict": sd, "epoch": 10}, str(d / "model.pth.tar-10"))
+  cfg.released.path = str(tmp / "released" / "seed{seed}" / "prompt_learner" / "model.pth.tar-10")
+  out = train.run(cfg, str(tmp / "released_run"), stage="eval")
+  splits = train.splits_for(cfg, 1)
+  v = {**variables, "params": {**variables["params"], "prompt": prompt}}
+  cp = M.build_class_prompts(splits.classnames, train.spec_of(cfg))
+  want = evaluate.top1(evaluate.prompt_scorer(model, v, cp), splits.test, batch_size=16,
+                       image_size=32)
+  assert abs(out["per_seed"][1]["base"] - want) < 1e-9
+  cfg.prompt.ctx_init, cfg.prompt.n_ctx = "", 8
+  with pytest.raises(ValueError, match="context length 4"):
+    train.run(cfg, str(tmp / "released_run2"), stage="eval")

@@ -121,6 +121,12 @@ def eval_sets(config, seed: int, train_splits: data_lib.Splits) -> dict:
   return out
 
 
+def train_batch_size(n: int, batch_size: int) -> int:
+  """Dassl's loader drops the last partial batch only when the set holds a full batch; a
+  smaller set is one batch of all its items (1-shot EuroSAT: one batch of 10)."""
+  return min(int(batch_size), int(n))
+
+
 def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                  splits: data_lib.Splits) -> dict:
   """Stage 1 for one seed; returns the final `prompt` subtree."""
@@ -143,11 +149,10 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
     acc = jnp.mean(jnp.argmax(lg, -1) == batch["label"])
     return M.cross_entropy(lg, batch["label"]), (state, {"acc": acc})
 
-  # drop_last only when the set holds at least one batch (Dassl data_manager.py).
   n = len(splits.train)
   if n == 0:
     raise ValueError(f"dataset {config.data.name!r}: empty training set")
-  bs = min(int(config.data.batch_size), n)
+  bs = train_batch_size(n, int(config.data.batch_size))
   loader = Loader(splits.train, data_lib.make_decode(True, config.clip.image_size,
                                                     tuple(config.data.crop_scale)),
                   ShuffleSampler(n, seed), bs, seed=seed, workers=int(config.data.workers))
