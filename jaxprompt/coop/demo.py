@@ -127,7 +127,7 @@ def demo_config(root: str, method: str, protocol: str = "base2new"):
   c.data.name, c.data.root = "folder", root
   c.data.shots, c.data.workers = 8, 0
   c.data.test_batch_size = 96
-  c.data.crop_scale = (0.6, 1.0)  # 32-px shapes: small crops would cut the object away
+  c.data.crop_scale = (1.0, 1.0)  # whole 32-px images (flip only): crops cut the shapes away
   c.seeds = (1,)
   c.prompt.ctx_init, c.prompt.n_ctx = "a photo of a", 4
   c.train.total_epochs = 8 if method == "coop" else 2
