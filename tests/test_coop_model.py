@@ -186,8 +186,8 @@ def test_cocoop_logits_match_torch_and_per_image_loop(tiny):
   meta = torch.nn.Sequential(torch.nn.Linear(48, 3), torch.nn.ReLU(), torch.nn.Linear(3, 64))
   with torch.no_grad():
     for i, name in ((0, "linear1"), (2, "linear2")):
-      meta[i].weight.copy_(torch.from_numpy(np.asarray(prompt["meta_net"][name]["kernel"]).T))
-      meta[i].bias.copy_(torch.from_numpy(np.asarray(prompt["meta_net"][name]["bias"])))
+      meta[i].weight.copy_(torch.from_numpy(np.array(prompt["meta_net"][name]["kernel"]).T))
+      meta[i].bias.copy_(torch.from_numpy(np.array(prompt["meta_net"][name]["bias"])))
   x = images(3, 32, 32, seed=2)
   cp = M.build_class_prompts(NAMES, spec)
   v = _with_prompt(variables, prompt)
