@@ -15,7 +15,7 @@ from jaxprompt.coop.shared import trainer
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.pipeline = "jaxprompt.coop.train"
+  c.pipeline = "coop"
   c.method = "coop"
   c.protocol = "fewshot"
   c.backbone = "RN50"           # informational; the architecture comes from the weights

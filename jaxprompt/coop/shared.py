@@ -14,5 +14,6 @@ from jaxprompt.convert.io import read_arrays  # noqa: F401
 from jaxprompt.data.files import list_images  # noqa: F401
 from jaxprompt.data.loader import Loader, PaddedSequentialSampler, SequentialSampler  # noqa: F401
 from jaxprompt.data.loader import ShuffleSampler  # noqa: F401
-from jaxprompt.data.transforms import load_image  # noqa: F401
-from jaxprompt.models.clip import CLIP, CLIPConfig, load_clip  # noqa: F401
+from jaxprompt.data.files import load_image  # noqa: F401
+from jaxprompt.convert.openai_clip import load_clip  # noqa: F401
+from jaxprompt.models.clip import CLIP, CLIPConfig  # noqa: F401
