@@ -42,4 +42,4 @@ LONG_FIRST = (
 def pytest_collection_modifyitems(session, config, items) -> None:
   """Stable reorder: modules named in LONG_FIRST first (in that order), then the rest."""
   rank = {name: i for i, name in enumerate(LONG_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
