@@ -9,8 +9,9 @@ ARGS   ?=
 run: setup
 	$(PY) launch.py $(ARGS)
 
+# Two workers, one test file each at a time (module fixtures are built once); see tests/conftest.py.
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 setup: $(VENV)/.run-deps
 

@@ -1,14 +1,45 @@
-"""Test setup: 8 simulated CPU devices and a persistent compilation cache.
+"""Test setup: 8 simulated CPU devices, a persistent compilation cache, long modules first.
 
-Both must be set before JAX initialises its backend, so they live here.
+The device count and the cache must be set before JAX initialises its backend, so they live
+here. They are set in the environment too, so that the launch.py / worker subprocesses some
+tests start share the cache (a tiny CLIP or ViT compiled by one test is read back by the next).
 """
+from __future__ import annotations
+
 import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHE = os.path.join(ROOT, ".jax_cache")
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
-_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+# The longest modules, longest first. With `pytest -n 2 --dist loadfile` (make test) files are
+# handed to the two workers in collection order, so these start at once instead of leaving
+# one worker busy on a long module after the other has run out of work.
+LONG_FIRST = (
+    "test_default_job.py",
+    "test_clipreid_pipeline.py",
+    "test_launch.py",
+    "test_lpt_pipeline.py",
+    "test_clipreid_pitfalls.py",
+    "test_sharding.py",
+    "test_lpt_pitfalls.py",
+    "test_release_eval.py",
+    "test_release_converters.py",
+    "test_clip.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+  """Stable reorder: modules named in LONG_FIRST first (in that order), then the rest."""
+  rank = {name: i for i, name in enumerate(LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

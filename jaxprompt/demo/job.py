@@ -27,6 +27,7 @@ what the `data` stage wrote. Workdir layout:
   lpt/           phase1/, phase2/, eval/{phase1,phase2}/
   linear/        train/, eval/train/
   results.md, results.json, cmc.png, bucket_accuracy.png, timings.json
+  jax_cache/     the persistent compilation cache (unless JAX_COMPILATION_CACHE_DIR is set)
 """
 from __future__ import annotations
 
@@ -374,10 +375,25 @@ def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
 # ============================================================================ the driver
 
 
+def use_compilation_cache(workdir: str) -> Optional[str]:
+  """A persistent compilation cache in `<workdir>/jax_cache` unless one is configured.
+
+  The job compiles the same functions more than once (the tiny CLIP's init and its eval
+  functions for the untrained model and again for the trained run, in separate pipeline
+  calls), and a rerun compiles everything again; with the cache each is compiled once.
+  JAX reads the setting at its first compilation, so this runs before any.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return jax.config.jax_compilation_cache_dir
+
+
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   """data -> clipreid -> lpt -> report; `stage` runs (or resumes) only that one."""
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; the default job has {STAGES}")
+  use_compilation_cache(workdir)
   paths = Paths(workdir)
   timings = dict(metrics_lib.read_json(paths.timings) or {})
   results: dict[str, Any] = {}
