@@ -19,6 +19,8 @@ from jaxprompt.clipreid import config as clipreid_config
 from jaxprompt.clipreid import model as clipreid_model
 from jaxprompt.clipreid import train as clipreid_train
 from jaxprompt.clipreid.context import tiny_clip_config
+from jaxprompt.coop import model as coop_model
+from jaxprompt.coop import train as coop_train
 from jaxprompt.lpt import config as lpt_config
 from jaxprompt.lpt import model as lpt_model
 from jaxprompt.lpt.context import prompt_spec
@@ -141,6 +143,40 @@ def lpt_tree(config, job=None):
   return lpt_model.param_shapes(vit, spec), spec
 
 
+# ------------------------------------------------------------------------------ CoOp / CoCoOp
+
+# Classes of the CoOp datasets' label spaces (KaiyangZhou/CoOp DATASETS.md), for CSC contexts.
+COOP_CLASSES = {"imagenet": 1000, "caltech101": 100, "oxford_pets": 37, "stanford_cars": 196,
+                "oxford_flowers": 102, "food101": 101, "fgvc_aircraft": 100, "sun397": 397,
+                "dtd": 47, "eurosat": 10, "ucf101": 101}
+# CoOp (IJCV 2022) Sec. 4.1: M=16 unified tokens of RN50's 512-d text width; CoCoOp (CVPR 2022)
+# Sec. 4: M=4 tokens of 512 plus the Meta-Net 512 -> 32 -> 512 of ViT-B/16.
+COOP_M16 = 8_192
+COCOOP_VIT_B16 = 35_360
+
+
+def coop_tree(config) -> dict:
+  """{'img', 'txt', 'prompt'} shapes of OpenAI's RN50 / ViT-B/16 with the config's prompt."""
+  common = dict(context_length=77, vocab_size=49408, text_width=512, text_heads=8, text_layers=12)
+  if config.backbone == "RN50":
+    cfg = CLIPConfig(embed_dim=1024, vision="resnet", vision_width=64, vision_layers=(3, 4, 6, 3),
+                     vision_heads=32, patch_size=32, pretrained_grid=7, **common)
+  else:
+    cfg = CLIPConfig(embed_dim=512, vision="vit", vision_width=768, vision_layers=12,
+                     vision_heads=12, patch_size=16, pretrained_grid=14, **common)
+  cfg = cfg.with_input((224, 224))
+  clip = jax.eval_shape(CLIP(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+                        jnp.zeros((1, 77), jnp.int32))["params"]
+  spec = coop_train.spec_of(config)
+  emb = clip["txt"]["token_embedding"]
+  prompt = jax.eval_shape(
+      lambda r: coop_model.init_prompt(r, spec, width=512, embed_dim=cfg.embed_dim,
+                                       num_classes=COOP_CLASSES[config.data.name],
+                                       token_embedding=jnp.zeros(emb.shape, emb.dtype)),
+      jax.random.key(0))
+  return {**clip, "prompt": prompt}
+
+
 # ------------------------------------------------------------------------------ the checks
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -152,6 +188,20 @@ def test_config_rules_cover_the_real_tree(path):
       for stage, tree in clipreid_trees(c).items():
         res = optim.resolve(tree, optim.rules_from_config(c[stage].rules, f"{stage}.rules"))
         assert any(r.train for r in res.values()), (path, stage)
+      continue
+    if c.pipeline == "coop":
+      if c.method not in ("coop", "cocoop"):
+        continue  # zero-shot and linear-probe CLIP train no prompt
+      tree = coop_tree(c)
+      res = optim.resolve(tree, optim.rules_from_config(c.train.rules, "train.rules"))
+      trained = {n for n, r in res.items() if r.train}
+      assert trained and all(n.startswith("prompt/") for n in trained), path
+      assert trained == {n for n in optim.param_names(tree) if n.startswith("prompt/")}, path
+      n = coop_model.count(tree["prompt"])
+      if c.method == "cocoop" and c.backbone == "ViT-B/16" and int(c.prompt.n_ctx) == 4:
+        assert n == COCOOP_VIT_B16, path
+      if c.method == "coop" and not c.prompt.csc and int(c.prompt.n_ctx) == 16:
+        assert n == COOP_M16, path
       continue
     assert c.pipeline in ("lpt", "vpt"), path
     tree, spec = lpt_tree(c, job)

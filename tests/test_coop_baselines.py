@@ -64,7 +64,7 @@ def test_paper_configs(path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
-  assert c.pipeline == "jaxprompt.coop.train"
+  assert c.pipeline == "coop"
   assert "python launch.py --config configs/coop/" + os.path.basename(path) in mod.__doc__
   assert "Paper" in mod.__doc__
   if c.method == "cocoop":

@@ -12,6 +12,9 @@ import ml_collections
 
 from jaxprompt.coop.shared import trainer
 
+# Only the prompt learner trains (`prompt/ctx`, CoCoOp's `prompt/meta_net/...`); CLIP is frozen.
+TRAIN_RULES = (("prompt/.*", "train"), (".*", "freeze"))
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -39,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.optimizer.lr = 0.002
   c.train.optimizer.weight_decay = 5e-4
   c.train.optimizer.hparams = ml_collections.ConfigDict(dict(momentum=0.9))
+  c.train.rules = TRAIN_RULES   # [(regex, 'freeze' | 'train' | {lr_mult, wd_mult})], first match wins
   c.train.warmup_lr = 1e-5
   c.train.warmup_epochs = 1
   c.train.ckpt_every_steps = 500

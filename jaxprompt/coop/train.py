@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxprompt.coop import config as config_lib
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import evaluate
 from jaxprompt.coop import model as M
@@ -41,7 +42,7 @@ from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, 
                                    shd, trainer)
 
 STAGES = ("train", "eval", "table")
-RULES = [(r"prompt/.*", optim.Rule()), (r".*", optim.FREEZE)]
+RULES = optim.rules_from_config(config_lib.TRAIN_RULES)  # the default of `train.rules`
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -167,7 +168,8 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
     logging.warning("batch %d does not split over %d devices; training on %d", bs, n_dev, d)
     mesh = shd.make_mesh([(shd.DATA, d)], devices=jax.devices()[:d])
   result = trainer.run_stage(cfg, workdir=seed_dir, stage="train", init=init, loss_fn=loss_fn,
-                             rules=RULES, loader=loader, mesh=mesh,
+                             rules=optim.rules_from_config(config.train.rules, "train.rules"),
+                             loader=loader, mesh=mesh,
                              make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
                              frozen_source=str(config.clip.weights))
   return jax.device_get(result.state["params"]["prompt"])
