@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.models.layers import Block, resize_grid_embedding
+from jaxprompt.models import layers
+from jaxprompt.models.layers import resize_grid_embedding
 
 Dtype = Any
 PromptArg = Union[None, jax.Array, Sequence[jax.Array]]
@@ -122,6 +123,7 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6
   exact_gelu: bool = True
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block in the backward pass (layers.RematBlock)
 
   def setup(self):
     c = self.config
@@ -131,7 +133,8 @@ class ViT(nn.Module):
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + c.grid[0] * c.grid[1], c.width))
     act = "gelu" if self.exact_gelu else "gelu_tanh"
-    self.blocks = [Block(c.heads, c.mlp_dim, act=act, ln_eps=self.ln_eps, dtype=self.dtype,
+    block = layers.block_class(self.remat)
+    self.blocks = [block(c.heads, c.mlp_dim, act=act, ln_eps=self.ln_eps, dtype=self.dtype,
                          name=f"blocks_{i}") for i in range(c.depth)]
     self.norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=jnp.float32, name="norm")
 
@@ -247,7 +250,8 @@ def resize_pos_embed(img_params: Mapping, config: ViTConfig,
 def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
              image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
              exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
-             grid: Optional[Sequence[int]] = None) -> tuple[ViTModel, dict]:
+             grid: Optional[Sequence[int]] = None, remat: bool = False
+             ) -> tuple[ViTModel, dict]:
   """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
 
   Args:
@@ -260,6 +264,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
       store it in their shapes).
     grid: the checkpoint's own patch grid when its position embedding is not
       square.
+    remat: rematerialise the blocks in the backward pass (less memory).
 
   Returns:
     `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
@@ -283,5 +288,6 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
   img = jax.tree.map(jnp.asarray, variables["params"]["img"])
   if image_size is not None:
     img, config = resize_pos_embed(img, config, image_size)
-  model = ViTModel(img=ViT(config, ln_eps=ln_eps, exact_gelu=exact_gelu, dtype=dtype))
+  model = ViTModel(img=ViT(config, ln_eps=ln_eps, exact_gelu=exact_gelu, dtype=dtype,
+                                remat=remat))
   return model, {"params": {"img": img}}
