@@ -1,0 +1,69 @@
+"""Benchmark: one training step, jaxprompt against PyTorch eager, same model/batch/threads.
+
+  python benchmarks/bench_train_step.py --model vit_b16 --batch 8 [--rounds 3]
+  python benchmarks/bench_train_step.py --model rn50 --batch 32
+  python benchmarks/bench_train_step.py --model lpt --batch 4     # 4 CB + 4 IB images
+  python benchmarks/bench_train_step.py --quick                    # tiny towers, seconds
+
+Prints the step times (median of interleaved rounds), the speed-up (torch time / our
+time, with the min..max of the per-round ratios), XLA's FLOP count for the step, and
+the achieved FLOP/s of each side as a fraction of the same process's large-matmul rate
+(XLA's for jaxprompt, torch's for torch). See benchmarks/steps.py for the steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--model", default="vit_b16", choices=["vit_b16", "rn50", "lpt"])
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+  common.add_common_args(ap)
+  args = ap.parse_args(argv)
+  threads = common.set_threads()
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import steps  # pylint: disable=import-outside-toplevel
+  dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
+  rounds = 1 if args.quick else args.rounds
+  if args.model == "lpt":
+    step = steps.lpt_step(args.batch, dtype=dtype, tiny=args.quick,
+                          image=32 if args.quick else 224)
+  else:
+    step = steps.reid_step(args.model, args.batch, dtype=dtype, tiny=args.quick,
+                           size=(64, 32) if args.quick else (256, 128),
+                           num_ids=16 if args.quick else steps.NUM_IDS)
+  times = common.interleaved({"jaxprompt": step.jax_step, "torch": step.torch_step},
+                             rounds=rounds)
+  res = common.ratio_summary(times, "jaxprompt", "torch")
+  mm = steps.matmul_rates(512 if args.quick else 2048, rounds=2 if args.quick else 3)
+  argv_s = " ".join(sys.argv[1:] if argv is None else argv)
+  res.update(
+      bench="train_step", model=args.model, batch=args.batch, images=step.images,
+      precision=args.precision, threads=threads, rounds=rounds, quick=args.quick,
+      gflop=step.flops / 1e9,
+      jax_matmul_gflops=mm["jax"] / 1e9, torch_matmul_gflops=mm["torch"] / 1e9,
+      jax_frac_of_matmul=step.flops / res["jaxprompt_s"] / mm["jax"],
+      torch_frac_of_matmul=step.flops / res["torch_s"] / mm["torch"],
+      jax_img_s=step.images / res["jaxprompt_s"], torch_img_s=step.images / res["torch_s"],
+      loss_jax=step.jax_loss(), loss_torch=step.torch_loss(),
+      command=f"python benchmarks/bench_train_step.py {argv_s}".strip())
+  print(f"{args.model} batch {args.batch} ({step.images} images), {threads} threads: "
+        f"jaxprompt {res['jaxprompt_s']:.3f} s, torch {res['torch_s']:.3f} s, "
+        f"speed-up {res['ratio']:.2f}x ({res['ratio_min']:.2f}..{res['ratio_max']:.2f}); "
+        f"{res['gflop']:.0f} GFLOP; of the matmul rate: jax {res['jax_frac_of_matmul']:.2f}, "
+        f"torch {res['torch_frac_of_matmul']:.2f}")
+  common.emit(res, args.json)
+  return res
+
+
+if __name__ == "__main__":
+  main()
