@@ -106,14 +106,43 @@ def _torch_reid_losses(torch):
   return ce_ls, triplet
 
 
+def reid_jax(model, variables, batch: int, *, dtype=jnp.float32, num_ids: int = NUM_IDS,
+             size=(256, 128), vit: bool = True) -> dict[str, Any]:
+  """The JAX half of the stage-2 pair (also what gpu.py times): the pipeline's loss,
+  rules and head on `model`/`variables`, a P x K batch (K = 4), fixed text features."""
+  from jaxprompt.optim import split  # pylint: disable=import-outside-toplevel
+  p = _pipeline()
+  config = p["reid_config"]()
+  config.backbone = "vit_b16" if vit else "rn50"
+  config.loss.id_weight = 0.25 if vit else 1.0
+  head = p["reid_head"](num_ids)
+  dims = p["feature_dims"](model, size)
+  rs = np.random.RandomState(0)
+  text_feats = rs.randn(num_ids, dims["proj"]).astype(np.float32)
+  labels = np.repeat(np.arange(batch // 4), 4).astype(np.int32)  # P x K, K = 4
+  images = rs.randn(batch, *size, 3).astype(np.float32)
+  hv = head.init(jax.random.key(1), jnp.zeros((2, dims["final"])), jnp.zeros((2, dims["proj"])))
+  params = {"img": variables["params"]["img"], "head": hv["params"],
+            "prompt": {"text_feats": text_feats}}
+  stats = {"head": hv["batch_stats"]}
+  if "batch_stats" in variables:
+    stats["img"] = variables["batch_stats"]["img"]
+  trainable, frozen = split(params, p["reid_rules"](config))
+  loss_fn = p["reid_loss"](model, head, config, p["sie_spec"](False, False, 0.0, 1))
+  jbatch = {"image": images, "pid": labels, "camid": np.zeros(batch, np.int32),
+            "viewid": np.zeros(batch, np.int32)}
+  run, loss, flops = _jax_train_step(loss_fn, optax.adam(5e-6), trainable, frozen,
+                                     {"batch_stats": stats}, jbatch, dtype)
+  return dict(run=run, loss=loss, flops=flops, dims=dims, images=images, labels=labels,
+              text_feats=text_feats, id_weight=float(config.loss.id_weight))
+
+
 def reid_step(backbone: str, batch: int, *, dtype=jnp.float32, num_ids: int = NUM_IDS,
               size=(256, 128), tiny: bool = False) -> Step:
   """Stage-2 CLIP-ReID step pair for 'vit_b16' or 'rn50' (`tiny`: a small tower, for tests)."""
   import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from jaxprompt.models.clip import load_clip  # pylint: disable=import-outside-toplevel
-  from jaxprompt.optim import split  # pylint: disable=import-outside-toplevel
-  p = _pipeline()
   vit = backbone.startswith("vit")
   torch.manual_seed(0)
   if tiny:
@@ -140,28 +169,10 @@ def reid_step(backbone: str, batch: int, *, dtype=jnp.float32, num_ids: int = NU
         torch.from_numpy(np.asarray(img["attnpool"]["positional_embedding"])))
   del clip_t.transformer, clip_t.token_embedding  # the text tower is not used in stage 2
 
-  config = p["reid_config"]()
-  config.backbone = "vit_b16" if vit else "rn50"
-  config.loss.id_weight = 0.25 if vit else 1.0
-  head = p["reid_head"](num_ids)
-  dims = p["feature_dims"](model, size)
-  rs = np.random.RandomState(0)
-  text_feats = rs.randn(num_ids, dims["proj"]).astype(np.float32)
-  labels = np.repeat(np.arange(batch // 4), 4).astype(np.int32)  # P x K, K = 4
-  images = rs.randn(batch, *size, 3).astype(np.float32)
-  hv = head.init(jax.random.key(1), jnp.zeros((2, dims["final"])), jnp.zeros((2, dims["proj"])))
-  params = {"img": img, "head": hv["params"],
-            "prompt": {"text_feats": text_feats, "cls_ctx": np.zeros((1, 1), np.float32)}}
-  stats = {"head": hv["batch_stats"]}
-  if "batch_stats" in variables:
-    stats["img"] = variables["batch_stats"]["img"]
-  trainable, frozen = split(params, p["reid_rules"](config))
-  loss_fn = p["reid_loss"](model, head, config, p["sie_spec"](False, False, 0.0, 1))
-  jbatch = {"image": images, "pid": labels, "camid": np.zeros(batch, np.int32),
-            "viewid": np.zeros(batch, np.int32)}
-  tx = optax.adam(5e-6)
-  run_j, loss_j, flops = _jax_train_step(loss_fn, tx, trainable, frozen, {"batch_stats": stats},
-                                         jbatch, dtype)
+  j = reid_jax(model, variables, batch, dtype=dtype, num_ids=num_ids, size=size, vit=vit)
+  run_j, loss_j, flops = j["run"], j["loss"], j["flops"]
+  dims, images, labels, text_feats = j["dims"], j["images"], j["labels"], j["text_feats"]
+  w_id = j["id_weight"]
 
   # -- torch
   ce_ls, triplet = _torch_reid_losses(torch)
@@ -197,7 +208,6 @@ def reid_step(backbone: str, batch: int, *, dtype=jnp.float32, num_ids: int = NU
   x_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   y_t = torch.from_numpy(labels).long()
   text_t = torch.from_numpy(text_feats)
-  w_id = float(config.loss.id_weight)
   holder = {"loss": float("nan")}
 
   def run_t():
@@ -236,32 +246,21 @@ def _torch_agcl(torch, counts, margin=0.1, scale=20.0, noise_mul=0.5, noise_std=
   return agcl
 
 
-def lpt_step(batch: int, *, dtype=jnp.float32, image: int = 224, tiny: bool = False,
-             num_classes: int = PLACES_CLASSES) -> Step:
-  """LPT phase-2 step pair; `batch` images in each of the two (CB, IB) halves."""
-  import timm.models.vision_transformer as timm_vit  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from jaxprompt.models.vit import load_vit  # pylint: disable=import-outside-toplevel
+def lpt_jax(vit, img_params, batch: int, *, dtype=jnp.float32, image: int = 224,
+            num_classes: int = PLACES_CLASSES) -> dict[str, Any]:
+  """The JAX half of the LPT pair (also what gpu.py times): the pipeline's phase-2 loss
+  and rules, fused forward, `batch` CB + `batch` IB images, Places-LT's class profile."""
   from jaxprompt.models import lpt as lpt_model  # pylint: disable=import-outside-toplevel
   from jaxprompt.optim import split  # pylint: disable=import-outside-toplevel
   p = _pipeline()
-  torch.manual_seed(0)
-  width, depth = (64, 4) if tiny else (768, 12)
-  m_t = timm_vit.VisionTransformer(
-      img_size=image, patch_size=16, embed_dim=width, depth=depth, num_heads=max(1, width // 64),
-      num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)).train()
-  for q in m_t.parameters():
-    q.requires_grad_(False)
-  sd = {k: v.detach().numpy() for k, v in m_t.state_dict().items()}
-  model, variables = load_vit(sd, ln_eps=1e-5, dtype=dtype)
-  vit = model.img
+  depth = vit.config.depth
   config = p["lpt_config"]("lpt")
   config.model.group_layers = depth // 2
   spec = p["lpt_spec"](config, num_classes)
   rs = np.random.RandomState(0)
   counts = np.maximum(1, (4980 * np.power(5 / 4980, np.arange(num_classes) / (num_classes - 1)))
                       ).astype(np.int64)  # Places-LT's 4980..5 profile
-  params = {"img": variables["params"]["img"],
+  params = {"img": img_params,
             **jax.device_get(lpt_model.init_trainables(jax.random.key(0), vit.config, spec))}
   trainable, frozen = split(params, p["lpt_rules"])
 
@@ -275,8 +274,33 @@ def lpt_step(batch: int, *, dtype=jnp.float32, image: int = 224, tiny: bool = Fa
   ib_y = rs.randint(0, num_classes, batch).astype(np.int32)
   jbatch = {"cb": {"image": cb_x, "label": cb_y}, "ib": {"image": ib_x, "label": ib_y},
             "ib_weight": np.full((batch,), 0.5, np.float32)}
-  tx = optax.sgd(0.02, momentum=0.9)
-  run_j, loss_j, flops = _jax_train_step(loss_fn, tx, trainable, frozen, {}, jbatch, dtype)
+  run, loss, flops = _jax_train_step(loss_fn, optax.sgd(0.02, momentum=0.9), trainable,
+                                     frozen, {}, jbatch, dtype)
+  return dict(run=run, loss=loss, flops=flops, spec=spec, params=params, counts=counts,
+              cb_x=cb_x, ib_x=ib_x, cb_y=cb_y, ib_y=ib_y)
+
+
+def lpt_step(batch: int, *, dtype=jnp.float32, image: int = 224, tiny: bool = False,
+             num_classes: int = PLACES_CLASSES) -> Step:
+  """LPT phase-2 step pair; `batch` images in each of the two (CB, IB) halves."""
+  import timm.models.vision_transformer as timm_vit  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from jaxprompt.models.vit import load_vit  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  width, depth = (64, 4) if tiny else (768, 12)
+  m_t = timm_vit.VisionTransformer(
+      img_size=image, patch_size=16, embed_dim=width, depth=depth, num_heads=max(1, width // 64),
+      num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)).train()
+  for q in m_t.parameters():
+    q.requires_grad_(False)
+  sd = {k: v.detach().numpy() for k, v in m_t.state_dict().items()}
+  model, variables = load_vit(sd, ln_eps=1e-5, dtype=dtype)
+  vit = model.img
+  j = lpt_jax(vit, variables["params"]["img"], batch, dtype=dtype, image=image,
+              num_classes=num_classes)
+  run_j, loss_j, flops = j["run"], j["loss"], j["flops"]
+  spec, params, counts = j["spec"], j["params"], j["counts"]
+  cb_x, ib_x, cb_y, ib_y = j["cb_x"], j["ib_x"], j["cb_y"], j["ib_y"]
 
   # -- torch: the same fused algorithm on timm's blocks
   pr = jax.device_get(params["prompt"])
