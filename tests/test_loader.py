@@ -137,7 +137,11 @@ def test_prefetch_to_device_keeps_order_and_runs_ahead():
   assert isinstance(first["x"], jax.Array)
   out = [first, *it]
   _assert_same([jax.device_get(b) for b in out], host)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # Batches split over a data-parallel mesh, as the trainer lays them out.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rows = Loader(list(range(48)), _decode, ShuffleSampler(48, seed=1), len(jax.devices()), seed=3)
+  host = _batches(rows, 0)
   out = list(prefetch_to_device(iter(host), 1, sharding))
   assert all(b["x"].sharding == sharding for b in out)
   _assert_same([jax.device_get(b) for b in out], host)

@@ -236,20 +236,18 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
                        sharding: Optional[jax.sharding.Sharding] = None) -> Iterator[Any]:
   """Yields the batches of `iterator` already on the devices, `size` steps ahead.
 
-  Each host batch is put with `sharding` (e.g. `sharding.batch_sharding(mesh)`;
-  None: the default device) as soon as it is read, so the host-to-device copy of
-  the next `size` batches overlaps the running step (transfers are asynchronous).
-  With several processes `sharding` must span the global mesh and each process
-  passes its local slice: the global array is assembled with
-  `jax.make_array_from_process_local_data`. `size=0` puts each batch when asked.
+  Each host batch (this process's slice) becomes a global array laid out by
+  `sharding` (e.g. `sharding.batch_sharding(mesh)`; None: the default device) as
+  soon as it is read, with `jax.make_array_from_process_local_data` as
+  `jaxprompt.sharding.global_batch` does, so multi-host runs work unchanged. Transfers are
+  asynchronous: the copies of the next `size` batches overlap the running step.
+  `size=0` puts each batch only when it is asked for.
   """
   def put(batch):
     if sharding is None:
       return jax.device_put(batch)
-    if jax.process_count() > 1:
-      return jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-    return jax.device_put(batch, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
   queue: collections.deque = collections.deque()
   it = iter(iterator)
