@@ -75,8 +75,12 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
   ap.add_argument("--reid-batch", type=int, default=64)
   ap.add_argument("--lpt-batch", type=int, default=256)
+  ap.add_argument("--attention", default=None, choices=["xla", "cudnn"],
+                  help="jax.nn.dot_product_attention implementation (default: jax's choice)")
   ap.add_argument("--json", default="")
   args = ap.parse_args(argv)
+  from jaxprompt.models import layers  # pylint: disable=import-outside-toplevel
+  layers.set_attention_implementation(args.attention)
   dev = jax.devices()[0]
   kind = dev.device_kind
   peak = bf16_peak(kind) if dev.platform == "gpu" else None

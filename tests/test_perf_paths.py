@@ -117,3 +117,17 @@ def test_train_step_donates_the_state():
   leaves = jax.tree.leaves(new_state)
   jax.block_until_ready(plain(new_state, {}, batch, rng))
   assert not any(x.is_deleted() for x in leaves)
+
+
+def test_attention_implementation_setting():
+  rs = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(rs.randn(1, 5, 2, 8), jnp.float32) for _ in range(3))
+  try:
+    layers.set_attention_implementation("xla")
+    np.testing.assert_allclose(layers.attention(q, k, v), _einsum_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+  finally:
+    layers.set_attention_implementation(None)
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="attention implementation"):
+    layers.set_attention_implementation("flash")

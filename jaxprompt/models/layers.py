@@ -34,6 +34,17 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
+_DEFAULT_IMPLEMENTATION: list[Optional[str]] = [None]
+
+
+def set_attention_implementation(name: Optional[str]) -> None:
+  """Process-wide default for `attention` (None: jax chooses, 'xla', or 'cudnn' for
+  cuDNN's fused kernel on NVIDIA GPUs with bf16/fp16 inputs). Set before tracing."""
+  if name not in (None, "xla", "cudnn"):
+    raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {name!r}")
+  _DEFAULT_IMPLEMENTATION[0] = name
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
               implementation: Optional[str] = None) -> jax.Array:
   """softmax(q k^T / sqrt(d) + bias) v over (batch, tokens, heads, head_dim) arrays.
@@ -44,6 +55,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   bf16 inputs (where precision is lost), as the einsum version did.
   `bias` is additive and broadcastable to (batch, heads, q, k).
   """
+  implementation = implementation or _DEFAULT_IMPLEMENTATION[0]
   if bias is not None:
     bias = jnp.asarray(bias)
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(q.dtype)
