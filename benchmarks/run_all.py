@@ -108,7 +108,8 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--only", default="", help="run only this group (train_step, data, eval)")
-  ap.add_argument("--rows", default="", help="comma-separated row numbers (1-based) to run")
+  ap.add_argument("--rows", default="", help="comma-separated row numbers (1-based) to run; "
+                  "0 runs none (only the --extra-json rows)")
   ap.add_argument("--extra-json", default="",
                   help="JSON lines of rows measured earlier by the same scripts, added to the "
                        "table (marked as such)")
@@ -143,7 +144,8 @@ def main(argv=None) -> None:
           group = r["bench"] if r["bench"] in ("train_step", "data") else "eval"
           wall = r.get("wall_s", float("nan"))
           line = _row(group, cmd, r, wall)
-          lines.append(line.rsplit("|", 2)[0] + f"| {wall:.0f} s, run {r['machine']['date']} |")
+          took = f"{wall:.0f} s" if wall == wall else "n/a"
+          lines.append(line.rsplit("|", 2)[0] + f"| {took}, run {r['machine']['date']} |")
           n_earlier += 1
   head = [
       "# Benchmarks",
