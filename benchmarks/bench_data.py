@@ -135,7 +135,17 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         counts[k] = fn()
         times[k].append(time.perf_counter() - t)
+    # CPU seconds per image in this process (no workers): robust to other jobs on the
+    # machine, and what the per-core scaling estimate needs.
+    cpu = {}
+    for k, fn in (("jaxprompt", ours(args.recipe, paths, batch, 0, "thread")),
+                  ("torch", torch_side(args.recipe, paths, batch, 0))):
+      c = time.process_time()
+      n = fn()
+      cpu[k] = n / max(time.process_time() - c, 1e-9)
   res = common.ratio_summary(times, "jaxprompt", "torch")
+  res.update(jax_img_per_cpu_s=cpu["jaxprompt"], torch_img_per_cpu_s=cpu["torch"],
+             jax_16core_estimate=16 * cpu["jaxprompt"])
   res.update(
       bench="data", recipe=args.recipe, workers=args.workers, backend=args.backend,
       batch=batch, images=n_img, rounds=rounds, quick=args.quick,

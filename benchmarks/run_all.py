@@ -96,7 +96,11 @@ def _row(group: str, cmd: str, r: dict, wall: float) -> str:
     what = (f"{r['recipe']} train data, {r['workers']} worker(s), {r['backend']} "
             f"({r['stored_hw'][1]}x{r['stored_hw'][0]} JPEGs)")
     return (f"| {what} | {r['jax_img_s']:.0f} img/s | {r['torch_img_s']:.0f} img/s | "
-            f"**{r['ratio']:.2f}x**{spread} | {r['jax_img_s_per_worker']:.0f} img/s per worker | "
+            f"**{r['ratio']:.2f}x**{spread} | {r['jax_img_s_per_worker']:.0f} img/s per worker"
+            + (f"; per CPU-second: jax {r['jax_img_per_cpu_s']:.0f}, torch "
+               f"{r['torch_img_per_cpu_s']:.0f} img; 16-core estimate "
+               f"{r['jax_16core_estimate']:.0f} img/s" if "jax_img_per_cpu_s" in r else "")
+            + " | "
             f"{c} | {wall:.0f} s |")
   name = ("Market-size ReID evaluation vs per-query loop" if r["bench"] == "bench_reid_eval.py"
           else "LPT fused inference vs two passes (time ratio, lower is better)")
