@@ -29,9 +29,11 @@ $(VENV)/.test-deps: $(VENV)/.run-deps requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# Every benchmark against its reference (under 15 minutes on 2 cores); writes BENCHMARKS.md.
+# BENCH_ARGS=--quick for a smoke test. The GPU script is separate: bash benchmarks/gpu.sh
 bench: setup-test
-	$(PY) benchmarks/bench_reid_eval.py
-	$(PY) benchmarks/bench_sharding.py
+	PYTHONPATH=. $(PY) benchmarks/run_all.py $(BENCH_ARGS)
+	PYTHONPATH=. $(PY) benchmarks/bench_sharding.py
 
 clean:
 	rm -rf $(VENV) .jax_cache workdir

@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
                              rounds=rounds)
   res = common.ratio_summary(times, "jaxprompt", "torch")
   mm = steps.matmul_rates(512 if args.quick else 2048, rounds=2 if args.quick else 3)
+  argv_s = " ".join(sys.argv[1:] if argv is None else argv)
   res.update(
       bench="train_step", model=args.model, batch=args.batch, images=step.images,
       precision=args.precision, threads=threads, rounds=rounds, quick=args.quick,
@@ -54,8 +55,7 @@ def main(argv=None) -> dict:
       torch_frac_of_matmul=step.flops / res["torch_s"] / mm["torch"],
       jax_img_s=step.images / res["jaxprompt_s"], torch_img_s=step.images / res["torch_s"],
       loss_jax=step.jax_loss(), loss_torch=step.torch_loss(),
-      command="python benchmarks/bench_train_step.py " + " ".join(argv if argv is not None
-                                                                  else sys.argv[1:]))
+      command=f"python benchmarks/bench_train_step.py {argv_s}".strip())
   print(f"{args.model} batch {args.batch} ({step.images} images), {threads} threads: "
         f"jaxprompt {res['jaxprompt_s']:.3f} s, torch {res['torch_s']:.3f} s, "
         f"speed-up {res['ratio']:.2f}x ({res['ratio_min']:.2f}..{res['ratio_max']:.2f}); "

@@ -75,3 +75,73 @@ def test_padded_sequential_sampler_keeps_order_and_pads_with_record_zero():
   np.testing.assert_array_equal(PaddedSequentialSampler(5, 4).epoch_indices(3),
                                 [0, 1, 2, 3, 4, 0, 0, 0])
   np.testing.assert_array_equal(PaddedSequentialSampler(8, 4).epoch_indices(0), np.arange(8))
+
+
+# -- process-based decoding and device prefetch ------------------------------------------------
+
+
+def _closure_decode(offset):
+  # A closure, like the library's decode factories: the process backend must ship it.
+  def decode(record, rng):
+    return {"x": np.full((2,), record + offset, np.float32) + rng.normal(size=2).astype(np.float32),
+            "label": np.int32(record % 3)}
+  return decode
+
+
+def test_process_backend_same_batches_resume_and_slices():
+  records = list(range(40))
+  decode = _closure_decode(0.5)
+  kw = dict(sampler=ShuffleSampler(40, seed=4), batch_size=8, seed=9)
+  inline = Loader(records, decode, workers=0, **kw)
+  procs = Loader(records, decode, workers=2, backend="process", **kw)
+  try:
+    for epoch in (0, 1):
+      _assert_same(_batches(inline, epoch), _batches(procs, epoch))
+    _assert_same(_batches(inline, 1)[3:], _batches(procs, 1, start=3))  # exact resume
+    it = procs.iterate(0)
+    next(it)
+    it.close()  # abandoned mid-epoch: the pool stays usable
+    _assert_same(_batches(inline, 0), _batches(procs, 0))
+    # Each process of a multi-host run decodes only its own slice of the global batch.
+    half = Loader(records, decode, workers=2, backend="process", process_index=1,
+                  process_count=2, **kw)
+    try:
+      for whole, part in zip(_batches(inline, 0), _batches(half, 0)):
+        np.testing.assert_array_equal(part["x"], whole["x"][4:])
+    finally:
+      half.close()
+  finally:
+    procs.close()
+
+
+def test_unknown_backend_is_refused():
+  with pytest.raises(ValueError, match="backend must be one of"):
+    Loader([1], _decode, SequentialSampler(1), 1, backend="fork")
+
+
+def test_prefetch_to_device_keeps_order_and_runs_ahead():
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxprompt.data.loader import prefetch_to_device  # pylint: disable=import-outside-toplevel
+  loader = Loader(list(range(24)), _decode, ShuffleSampler(24, seed=1), 4, seed=3)
+  host = _batches(loader, 0)
+  pulled = []
+
+  def source():
+    for b in host:
+      pulled.append(len(pulled))
+      yield b
+
+  it = prefetch_to_device(source(), size=2)
+  first = next(it)
+  assert len(pulled) == 3  # the batch handed out plus two already on the device
+  assert isinstance(first["x"], jax.Array)
+  out = [first, *it]
+  _assert_same([jax.device_get(b) for b in out], host)
+  # Batches split over a data-parallel mesh, as the trainer lays them out.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rows = Loader(list(range(48)), _decode, ShuffleSampler(48, seed=1), len(jax.devices()), seed=3)
+  host = _batches(rows, 0)
+  out = list(prefetch_to_device(iter(host), 1, sharding))
+  assert all(b["x"].sharding == sharding for b in out)
+  _assert_same([jax.device_get(b) for b in out], host)

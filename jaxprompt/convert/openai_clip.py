@@ -167,12 +167,13 @@ def load_clip(source: Union[str, os.PathLike, Mapping[str, Any]], *,
               image_size: Optional[Sequence[int]] = None,
               patch_stride: Optional[int] = None,
               last_stride: Optional[int] = None,
-              dtype: Dtype = jnp.float32) -> tuple[CLIP, dict]:
+              dtype: Dtype = jnp.float32, remat: bool = False) -> tuple[CLIP, dict]:
   """Builds CLIP from an OpenAI/open_clip checkpoint (path or dict of arrays).
 
   Returns `(model, variables)`; position embeddings are resized (bilinear, no
   antialias, class/mean row kept) when `image_size`/`patch_stride`/`last_stride`
-  change the token grid. Parameters are float32; `dtype` is the compute dtype.
+  change the token grid. Parameters are float32; `dtype` is the compute dtype;
+  `remat` rematerialises the ViT image tower's blocks (less memory, more compute).
   """
   if isinstance(source, Mapping):
     state_dict, label = source, "state dict"
@@ -181,4 +182,4 @@ def load_clip(source: Union[str, os.PathLike, Mapping[str, Any]], *,
   state_dict = clean_state_dict(state_dict)
   config = infer_config(state_dict).with_input(image_size, patch_stride, last_stride)
   variables = to_variables(state_dict, config, source=label)
-  return CLIP(config, dtype=dtype), variables
+  return CLIP(config, dtype=dtype, remat=remat), variables

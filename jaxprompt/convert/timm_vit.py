@@ -263,7 +263,8 @@ def head_info(arrays: Mapping[str, np.ndarray]) -> str:
 def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
              image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
              exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
-             grid: Optional[Sequence[int]] = None) -> tuple[ViTModel, dict]:
+             grid: Optional[Sequence[int]] = None, remat: bool = False
+             ) -> tuple[ViTModel, dict]:
   """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
 
   Args:
@@ -276,6 +277,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
       store it in their shapes).
     grid: the checkpoint's own patch grid when its position embedding is not
       square.
+    remat: rematerialise the blocks in the backward pass (less memory).
 
   Returns:
     `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
@@ -297,5 +299,6 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
   img = jax.tree.map(jnp.asarray, variables["params"]["img"])
   if image_size is not None:
     img, config = resize_pos_embed(img, config, image_size)
-  model = ViTModel(img=ViT(config, ln_eps=ln_eps, exact_gelu=exact_gelu, dtype=dtype))
+  model = ViTModel(img=ViT(config, ln_eps=ln_eps, exact_gelu=exact_gelu, dtype=dtype,
+                           remat=remat))
   return model, {"params": {"img": img}}

@@ -147,6 +147,7 @@ class VisionTransformer(nn.Module):
   grid: tuple[int, int]
   output_dim: int
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block in the backward pass (layers.RematBlock)
 
   @nn.compact
   def __call__(self, images: jax.Array, cv_embed: Optional[jax.Array] = None,
@@ -172,8 +173,8 @@ class VisionTransformer(nn.Module):
 
     last = x
     for i in range(self.layers):
-      x = Block(self.heads, 4 * w, act="quick_gelu", ln_eps=1e-5, dtype=self.dtype,
-                name=f"blocks_{i}")(x)
+      x = layers.block_class(self.remat)(self.heads, 4 * w, act="quick_gelu", ln_eps=1e-5,
+                                         dtype=self.dtype, name=f"blocks_{i}")(x)
       if i == self.layers - 2:
         last = x  # CLIP-ReID's x11: output of the second-to-last block, no ln_post
     final = _layer_norm("ln_post")(x)
@@ -245,9 +246,7 @@ class AttentionPool(nn.Module):
     q = dense(c, "q_proj")(x[:, :1]).reshape(b, 1, self.heads, hd)
     k = dense(c, "k_proj")(x).reshape(b, h * w + 1, self.heads, hd)
     v = dense(c, "v_proj")(x).reshape(b, h * w + 1, self.heads, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, c)
+    out = layers.attention(q, k, v).reshape(b, c)
     return dense(self.output_dim, "c_proj")(out)
 
 
@@ -349,12 +348,14 @@ class CLIP(nn.Module):
   """CLIP with submodules `img` (ViT or ModifiedResNet) and `txt` (text tower)."""
   config: CLIPConfig
   dtype: Dtype = jnp.float32
+  remat: bool = False  # ViT image tower only: rematerialise its blocks in the backward pass
 
   def setup(self):
     c = self.config
     if c.vision == "vit":
       self.img = VisionTransformer(c.vision_width, c.vision_layers, c.vision_heads,
-                                   c.patch_size, c.stride, c.grid, c.embed_dim, dtype=self.dtype)
+                                   c.patch_size, c.stride, c.grid, c.embed_dim, dtype=self.dtype,
+                                   remat=self.remat)
     elif c.vision == "resnet":
       self.img = ModifiedResNet(c.vision_width, tuple(c.vision_layers), c.vision_heads,
                                 c.embed_dim, c.grid, last_stride=c.last_stride or 2,

@@ -34,10 +34,39 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
+_DEFAULT_IMPLEMENTATION: list[Optional[str]] = [None]
+
+
+def set_attention_implementation(name: Optional[str]) -> None:
+  """Process-wide default for `attention` (None: jax chooses, 'xla', or 'cudnn' for
+  cuDNN's fused kernel on NVIDIA GPUs with bf16/fp16 inputs). Set before tracing."""
+  if name not in (None, "xla", "cudnn"):
+    raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {name!r}")
+  _DEFAULT_IMPLEMENTATION[0] = name
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
+              implementation: Optional[str] = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d) + bias) v over (batch, tokens, heads, head_dim) arrays.
+
+  Goes through `jax.nn.dot_product_attention`, so a GPU can use cuDNN's fused
+  kernel (`implementation='cudnn'`) and everything else XLA's. The XLA path
+  accumulates the logits in float32 and takes the softmax in float32 even for
+  bf16 inputs (where precision is lost), as the einsum version did.
+  `bias` is additive and broadcastable to (batch, heads, q, k).
+  """
+  implementation = implementation or _DEFAULT_IMPLEMENTATION[0]
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (torch layout order q, k, v)."""
   heads: int
   dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention's
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -45,16 +74,9 @@ class SelfAttention(nn.Module):
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     hd = width // self.heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, hd), 3, axis=2)
-    q, k, v = (t[:, :, 0] for t in (q, k, v))  # (b, n, heads, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k)
-    if mask is not None:  # additive mask, broadcastable to (b, h, q, k)
-      logits = logits + mask
-    # Softmax in float32 even under bf16 compute: it is where precision is lost.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, width)
-    return nn.Dense(width, dtype=self.dtype, name="out")(out)
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x).reshape(b, n, 3, self.heads, hd)
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, self.implementation)
+    return nn.Dense(width, dtype=self.dtype, name="out")(out.reshape(b, n, width))
 
 
 class Mlp(nn.Module):
@@ -87,6 +109,18 @@ class Block(nn.Module):
     x = x + Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(
         ln("ln_2")(x).astype(self.dtype))
     return x
+
+
+# The block under `jax.checkpoint`: the backward pass recomputes each block's
+# activations from its input instead of keeping them (for large batches on an
+# accelerator). Parameter names and values are unchanged; outputs and gradients
+# are the same computation.
+RematBlock = nn.remat(Block)
+
+
+def block_class(remat: bool) -> type:
+  """`Block`, or `RematBlock` when `remat` is set."""
+  return RematBlock if remat else Block
 
 
 def causal_mask(n: int) -> jax.Array:

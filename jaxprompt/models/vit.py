@@ -47,7 +47,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.models.layers import Block, resize_grid_embedding
+from jaxprompt.models import layers
+from jaxprompt.models.layers import resize_grid_embedding
 
 Dtype = Any
 PromptArg = Union[None, jax.Array, Sequence[jax.Array]]
@@ -120,6 +121,7 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6
   exact_gelu: bool = True
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block in the backward pass (layers.RematBlock)
 
   def setup(self):
     c = self.config
@@ -129,7 +131,8 @@ class ViT(nn.Module):
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + c.grid[0] * c.grid[1], c.width))
     act = "gelu" if self.exact_gelu else "gelu_tanh"
-    self.blocks = [Block(c.heads, c.mlp_dim, act=act, ln_eps=self.ln_eps, dtype=self.dtype,
+    block = layers.block_class(self.remat)
+    self.blocks = [block(c.heads, c.mlp_dim, act=act, ln_eps=self.ln_eps, dtype=self.dtype,
                          name=f"blocks_{i}") for i in range(c.depth)]
     self.norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=jnp.float32, name="norm")
 
