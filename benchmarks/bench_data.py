@@ -55,13 +55,13 @@ def write_jpegs(folder: str, n: int, hw: tuple[int, int], seed: int = 0) -> list
 def ours(recipe: str, paths: list[str], batch: int, workers: int, backend: str):
   from jaxprompt.data import loader as loader_lib  # pylint: disable=import-outside-toplevel
   if recipe == "reid":
-    from jaxprompt.data.reid import ReIDRecord  # pylint: disable=import-outside-toplevel
-    from jaxprompt.data.transforms import make_reid_decode  # pylint: disable=import-outside-toplevel
+    from jaxprompt.clipreid.data import ReIDRecord  # pylint: disable=import-outside-toplevel
+    from jaxprompt.clipreid.transforms import make_reid_decode  # pylint: disable=import-outside-toplevel
     records = [ReIDRecord(p, i % 100, i % 6) for i, p in enumerate(paths)]
     decode = make_reid_decode(True, (256, 128))
   else:
-    from jaxprompt.data.longtail import LTRecord  # pylint: disable=import-outside-toplevel
-    from jaxprompt.data.lt_transforms import make_lt_decode  # pylint: disable=import-outside-toplevel
+    from jaxprompt.lpt.data import LTRecord  # pylint: disable=import-outside-toplevel
+    from jaxprompt.lpt.transforms import make_lt_decode  # pylint: disable=import-outside-toplevel
     records = [LTRecord(p, i % 100) for i, p in enumerate(paths)]
     decode = make_lt_decode(True, 224)
   kw = {"backend": backend} if backend != "thread" else {}

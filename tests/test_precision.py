@@ -15,9 +15,9 @@ import optax
 import pytest
 
 from jaxprompt import precision, trainer
-from jaxprompt.losses import reid as reid_losses
+from jaxprompt.clipreid import losses as reid_losses
 from jaxprompt.models.clip import CLIP, CLIPConfig
-from jaxprompt.models.clipreid import ReIDHead
+from jaxprompt.clipreid.model import ReIDHead
 
 B, IDS, H, W = 8, 4, 32, 16
 
@@ -50,7 +50,7 @@ def _setup():
 
 def _loss_fn(model, head, text):
   """The stage-2 objective: label-smoothed ID on both classifiers + batch-hard triplet on
-  the three features + i2t CE (CLIP-ReID's losses, from jaxprompt.losses.reid)."""
+  the three features + i2t CE (CLIP-ReID's losses, from jaxprompt.clipreid.losses)."""
   def loss_fn(params, model_state, batch, rng):
     del rng
     feats = model.apply({"params": {"img": params["img"]}}, batch["image"], None, True,
