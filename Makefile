@@ -34,6 +34,7 @@ $(VENV)/.test-deps: $(VENV)/.run-deps requirements-test.txt
 bench: setup-test
 	PYTHONPATH=. $(PY) benchmarks/run_all.py $(BENCH_ARGS)
 	PYTHONPATH=. $(PY) benchmarks/bench_sharding.py
+	PYTHONPATH=. $(PY) benchmarks/bench_coop_memory.py
 
 clean:
 	rm -rf $(VENV) .jax_cache workdir
