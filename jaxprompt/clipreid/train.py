@@ -317,18 +317,30 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
 
 
 def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
-  """Text features of all identities from stage 1's tokens; cached next to stage 2."""
+  """Text features of all identities from stage 1's tokens; cached next to stage 2.
+
+  The cache is keyed on everything the features depend on: the template, the identity
+  tokens and the text tower's weights (by fingerprint), so a changed template or tower
+  never reuses stale features.
+  """
   path = os.path.join(ctx.stage_dir("stage2"), "text_features.npz")
+  model, variables = ctx.clip
+  template = clipreid.template_for(ctx.dataset.name)
+  txt_fp = np.asarray(ckpt_lib.fingerprint(variables["params"]["txt"]), np.uint32)
   if os.path.isfile(path):
     with np.load(path) as f:
-      if np.array_equal(f["cls_ctx"], cls_ctx):
+      if ("template" in f and str(f["template"]) == template
+          and np.array_equal(f["txt_fingerprint"], txt_fp)
+          and np.array_equal(f["cls_ctx"], cls_ctx)):
         return f["features"]
-  model, variables = ctx.clip
+    logging.info("stage2: %s was computed from other tokens, template or text weights; "
+                 "recomputing", path)
   prompt = clipreid.build_text_prompt(model, {"params": {"txt": variables["params"]["txt"]}},
-                                      clipreid.template_for(ctx.dataset.name))
+                                      template)
   feats = text_features_all(model, variables["params"]["txt"], prompt, cls_ctx,
                             chunk=int(ctx.config.stage2.batch_size))
-  _save_cache(path, features=feats, cls_ctx=cls_ctx)
+  _save_cache(path, features=feats, cls_ctx=cls_ctx, template=np.asarray(template),
+              txt_fingerprint=txt_fp)
   return feats
 
 

@@ -1,0 +1,111 @@
+"""Fidelity checks against Syliz517/CLIP-ReID (one section per defect of the comparison)."""
+from __future__ import annotations
+
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from jaxprompt.clipreid import data as reid_data
+from jaxprompt.clipreid import model as m
+from jaxprompt.clipreid import train as clipreid
+
+
+def _jpeg(path):
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.full((8, 4, 3), 128, np.uint8)).save(path, format="JPEG")
+
+
+def _write(path, lines):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("".join(line + "\n" for line in lines))
+
+
+def _vehicleid(root, test_size=800):
+  base = os.path.join(root, "VehicleID_V1.0")
+  train = [("0001", 12), ("0002", 12), ("0003", 4)]
+  test = [(f"1{i:03d}", 100 + i % 3) for i in range(9)]
+  for n, _ in train + test:
+    _jpeg(os.path.join(base, "image", n + ".jpg"))
+  _write(os.path.join(base, "train_test_split", "train_list.txt"), [f"{n} {p}" for n, p in train])
+  _write(os.path.join(base, "train_test_split", f"test_list_{test_size}.txt"),
+         [f"{n} {p}" for n, p in test])
+  return root
+
+
+# ------------------------------------------------------------------------------------------
+# Item 1: the template follows the dataset, including every name the readers produce.
+
+PERSON, VEHICLE = m.TEMPLATES["person"], m.TEMPLATES["vehicle"]
+
+
+@pytest.mark.parametrize("test_size", [800, 1600, 2400])
+def test_vehicleid_reader_names_get_the_vehicle_template(tmp_path, test_size):
+  # Syliz517/CLIP-ReID model/make_model_clipreid.py: "VehicleID" and "veri" use "vehicle".
+  root = _vehicleid(str(tmp_path), test_size)
+  ds = reid_data.read_vehicleid(root, test_size=test_size, check_counts=False)
+  assert m.template_for(ds.name) == VEHICLE, ds.name
+
+
+@pytest.mark.parametrize("name,template", [
+    ("market1501", PERSON), ("dukemtmc", PERSON), ("occ_duke", PERSON), ("msmt17", PERSON),
+    ("generic", PERSON), ("veri", VEHICLE), ("vehicleid", VEHICLE), ("VehicleID", VEHICLE)])
+def test_template_of_every_reader_name(name, template):
+  assert m.template_for(name) == template
+
+
+def _text_ctx(workdir, dataset_name, clip):
+  cfg = clipreid.base_config()
+  cfg.stage2.batch_size = 4
+  ctx = types.SimpleNamespace(config=cfg, clip=clip,
+                              dataset=types.SimpleNamespace(name=dataset_name),
+                              stage_dir=lambda s: os.path.join(workdir, s))
+  return ctx
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+  cfg = clipreid.base_config()
+  cfg.model.tiny_random.enabled = True
+  cfg.model.stride = 8
+  cfg.data.size = (32, 16)
+  return clipreid.load_backbone(cfg)
+
+
+def _fresh(clip, name, cls_ctx):
+  model, variables = clip
+  prompt = m.build_text_prompt(model, {"params": {"txt": variables["params"]["txt"]}},
+                               m.template_for(name))
+  return clipreid.text_features_all(model, variables["params"]["txt"], prompt, cls_ctx, chunk=4)
+
+
+def test_stage2_text_cache_is_keyed_on_template_and_text_weights(tmp_path, tiny_clip):
+  model, variables = tiny_clip
+  width = variables["params"]["txt"]["token_embedding"].shape[1]
+  cls_ctx = np.asarray(0.02 * np.random.default_rng(0).normal(size=(3, 4, width)), np.float32)
+  wd = str(tmp_path)
+  person = clipreid.stage2_text_cache(_text_ctx(wd, "market1501", tiny_clip), cls_ctx)
+  np.testing.assert_allclose(person, _fresh(tiny_clip, "market1501", cls_ctx), rtol=1e-6)
+  # Same tokens, other template: the cached person features must not be reused.
+  vehicle = clipreid.stage2_text_cache(_text_ctx(wd, "vehicleid-800", tiny_clip), cls_ctx)
+  np.testing.assert_allclose(vehicle, _fresh(tiny_clip, "vehicleid-800", cls_ctx), rtol=1e-6)
+  assert np.abs(vehicle - person).max() > 1e-4
+  # Same tokens and template, other text weights: recomputed too.
+  txt = jax.tree.map(lambda x: np.asarray(x) * 1.01, variables["params"]["txt"])
+  other = (model, {**variables, "params": {**variables["params"], "txt": txt}})
+  again = clipreid.stage2_text_cache(_text_ctx(wd, "vehicleid-800", other), cls_ctx)
+  np.testing.assert_allclose(again, _fresh(other, "vehicleid-800", cls_ctx), rtol=1e-6)
+  assert np.abs(again - vehicle).max() > 1e-5
+  # Unchanged inputs: the cache is read, not recomputed.
+  calls = []
+  orig = clipreid.text_features_all
+  try:
+    clipreid.text_features_all = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    clipreid.stage2_text_cache(_text_ctx(wd, "vehicleid-800", other), cls_ctx)
+  finally:
+    clipreid.text_features_all = orig
+  assert not calls
