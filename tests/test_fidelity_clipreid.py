@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxprompt.clipreid import data as reid_data
+from jaxprompt.clipreid import evaluate as reid_eval
 from jaxprompt.clipreid import model as m
 from jaxprompt.clipreid import train as clipreid
 
@@ -109,3 +110,73 @@ def test_stage2_text_cache_is_keyed_on_template_and_text_weights(tmp_path, tiny_
   finally:
     clipreid.text_features_all = orig
   assert not calls
+
+
+# ------------------------------------------------------------------------------------------
+# Item 2: view-only SIE has one row per view, indexed by the view; out-of-range is an error.
+
+
+def _sie_ctx(tmp_path, camera, view, cams=4, views=8, ids=3):
+  cfg = clipreid.base_config()
+  cfg.model.sie_camera, cfg.model.sie_view = camera, view
+  ctx = clipreid.Context(cfg, str(tmp_path))
+  ctx._dataset = types.SimpleNamespace(num_train_cams=cams, num_train_views=views,
+                                       num_train_pids=ids)
+  return ctx
+
+
+def test_view_only_sie_has_one_row_per_view(tmp_path):
+  # Syliz517/CLIP-ReID model/make_model_clipreid.py: view-only cv_embed is view_num x width.
+  ctx = _sie_ctx(tmp_path, camera=False, view=True, views=8)
+  spec = ctx.sie_spec()
+  assert m.sie_rows(4, spec.num_views, spec.camera, spec.view) == 8
+  table = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  cams, views = np.zeros(3, np.int32), np.asarray([0, 3, 7], np.int32)
+  out = np.asarray(spec.vectors(table, cams, views))
+  np.testing.assert_array_equal(out, spec.coefficient * table[[0, 3, 7]])
+  # Camera x view: cam * num_views + view.
+  both = _sie_ctx(tmp_path, camera=True, view=True, cams=4, views=8).sie_spec()
+  assert both.num_views == 8
+
+
+def test_check_released_sizes_view_only_tables_by_views(tmp_path):
+  ctx = _sie_ctx(tmp_path, camera=False, view=True, views=8)
+  ctx.config.model.released_checkpoint = "released.pth"
+  ctx._clip = (None, {"params": {"prompt": {"sie": np.zeros((8, 4), np.float32)}}})
+  ctx.released_info = {"num_ids": 3}
+  reid_eval.check_released(ctx)  # 8 views -> 8 rows fits
+  ctx._clip = (None, {"params": {"prompt": {"sie": np.zeros((1, 4), np.float32)}}})
+  with pytest.raises(ValueError, match="1 rows .* need 8"):
+    reid_eval.check_released(ctx)
+
+
+@pytest.mark.parametrize("camera,view,cam,vw,index,rows", [
+    (True, False, 6, 0, 6, 6), (False, True, 0, 8, 8, 8), (True, True, 3, 0, 24, 24)])
+def test_out_of_range_sie_index_is_an_error(camera, view, cam, vw, index, rows):
+  spec = clipreid.SIESpec(camera, view, 1.0, 8)
+  recs = [reid_data.ReIDRecord("a.jpg", 0, 0, 0, 0), reid_data.ReIDRecord("b.jpg", 0, cam, vw, 0)]
+  with pytest.raises(ValueError, match=rf"SIE index {index}\b.*b\.jpg.*{rows} rows"):
+    spec.check_indices(recs, rows, "the gallery")
+  spec.check_indices(recs[:1], rows, "the gallery")  # in range: no error
+
+
+def test_extract_with_out_of_range_camera_names_index_and_table(tmp_path, tiny_clip):
+  from jaxprompt.convert import io as cio
+  _, variables = tiny_clip
+  params = {"img": variables["params"]["img"], "prompt": {"sie": np.zeros((2, 32), np.float32)}}
+  path = str(tmp_path / "trained.npz")
+  cio.write_arrays(path, cio.flatten(jax.device_get(params)))
+  _jpeg(str(tmp_path / "imgs" / "x.jpg"))
+  cfg = clipreid.base_config()
+  cfg.model.tiny_random.enabled = True
+  cfg.model.stride = 8
+  cfg.data.size = (32, 16)
+  cfg.model.sie_camera = True
+  cfg.model.trained_params = path
+  cfg.extract.images, cfg.extract.out = str(tmp_path / "imgs"), str(tmp_path / "out.npz")
+  cfg.extract.camid = 5
+  with pytest.raises(ValueError, match=r"SIE index 5\b.*2 rows"):
+    clipreid.run(cfg, str(tmp_path / "wd"), stage="extract")
+  cfg.extract.camid = 1
+  clipreid.run(cfg, str(tmp_path / "wd"), stage="extract")
+  assert os.path.isfile(cfg.extract.out)

@@ -295,6 +295,7 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
       params["txt"] = variables["params"]["txt"]
     if sie.on:
       rows = clipreid.sie_rows(ds.num_train_cams, sie.num_views, sie.camera, sie.view)
+      sie.check_indices(ds.train, rows, "the training split")
       prompt["sie"] = jax.device_get(jax.jit(clipreid.init_sie, static_argnums=(1, 2))(
           r_sie, rows, dims["final"]))
     if prompt:
