@@ -77,3 +77,35 @@ def test_balanced_rows_train_with_ce_on_tiny_data(tmp_path):
     c = tiny_config(method, epochs=1, balanced=True)
     res = vpt.run(c, str(tmp_path / method))
     assert 0.0 <= res["eval"]["train"]["overall"] <= 100.0
+
+
+# ------------------------------------------------------------------------------------------
+# Item 4: one VPT configuration (KMnP/vpt configs/prompt/cub.yaml, configs/linear/cub.yaml).
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "vpt_shallow"])
+def test_vpt_recipe_is_prompt_cub_yaml(method):
+  c = lpt.paper_config("places_lt", method)
+  o = c.train.optimizer
+  # configs/base-prompt.yaml: batch 128, 100 epochs, 10 warm-up; prompt/cub.yaml: lr 0.1, wd 0.01.
+  assert c.data.batch_size == 128 and c.train.total_epochs == 100 and o.warmup_epochs == 10
+  assert lpt_config.BASE_LR_AT_256["baselines"] == 0.1 and o.lr == pytest.approx(0.1 * 128 / 256)
+  assert o.weight_decay == 0.01
+  assert "configs/prompt/cub.yaml" in c.recipe_notes
+
+
+def test_linear_probe_recipe_is_linear_cub_yaml():
+  c = lpt.paper_config("places_lt", "linear")
+  o = c.train.optimizer
+  # configs/base-linear.yaml: batch 1024; linear/cub.yaml: lr 0.1, wd 0.01.
+  assert c.data.batch_size == 1024 and c.train.total_epochs == 100 and o.warmup_epochs == 10
+  assert o.lr == pytest.approx(0.1 * 1024 / 256) and o.weight_decay == 0.01
+  assert "configs/linear/cub.yaml" in c.recipe_notes
+
+
+def test_vpt_configs_say_which_lpt_settings_they_share():
+  for name in ("places_lt_vpt.py", "places_lt_linear.py", "cifar100_lt_r100_vpt.py"):
+    doc = _config_file(name).__doc__
+    assert "cub.yaml" in doc, name
+    for shared in ("LayerNorm", "0.5", "RandomResizedCrop"):
+      assert shared in doc, (name, shared)

@@ -3,7 +3,8 @@
 Every row of Dong et al., "LPT: Long-tailed Prompt Tuning" (ICLR 2023), Tables 1, 2 and 8,
 is `paper_config(dataset, method, ...)`; `configs/lpt/<row>.py` holds one each, with its
 launch command and the paper's numbers. LPT's recipe follows DongSky/LPT
-phase2_test/train_dual_dualloss.py; the baselines follow KMnP/vpt configs/base-prompt.yaml.
+phase2_test/train_dual_dualloss.py; the baselines follow KMnP/vpt configs/prompt/cub.yaml
+over configs/base-prompt.yaml (linear probe: configs/linear/cub.yaml over base-linear.yaml).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from jaxprompt.trainer import stage_defaults
 
 # The recipes' lr at batch 256 (rescaled linearly with data.batch_size by paper_config): LPT's
 # 0.02 (DongSky/LPT phase2_test/train_dual_dualloss.py), VPT's 0.1 (KMnP/vpt
-# configs/base-prompt.yaml).
+# configs/prompt/cub.yaml and configs/linear/cub.yaml).
 BASE_LR_AT_256 = {"lpt": 0.02, "baselines": 0.1}
 
 # Default `rules` of each stage: [(regex, 'freeze' | 'train' | {lr_mult, wd_mult})] over
@@ -199,11 +200,17 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
       "LPT: DongSky/LPT phase-2 code defaults (phase2_test/train_dual_dualloss.py); phase 1 = same loss, dual "
       "sampling, SGD and wd 0.01 without the pool (the author's description; no script)."
       if lpt else
-      "VPT baseline in LPT's setting: AugReg IN-21k tower, LPT transforms (mean=std=0.5), "
-      "VPT's own optimisation (SGD 0.9, warm-up cosine, base config 100 epochs / 10 warm-up, "
-      "wd 1e-4, batch 128, lr 0.1 @ 256 from its CUB yaml: the LPT paper does not give its "
-      "VPT hyper-parameters), linear head + CE, instance-balanced sampling (Table 1 rows "
-      "without balanced sampling; set data.sampling='dual' for the balanced rows).")
+      ("VPT baseline: one VPT configuration, KMnP/vpt "
+       + ("configs/linear/cub.yaml over configs/base-linear.yaml (batch 1024"
+          if method == "linear" else
+          "configs/prompt/cub.yaml over configs/base-prompt.yaml (batch 128")
+       + ", SGD 0.9, lr 0.1 @ 256, wd 0.01, 100 epochs with 10 warm-up, warm-up cosine; the "
+       "LPT paper gives no VPT hyper-parameters), linear head + CE, instance-balanced "
+       "sampling. Deliberately shared with LPT so the baseline is comparable: the AugReg "
+       "IN-21k tower, LayerNorm eps 1e-5, mean = std = 0.5 and LPT's crops "
+       "(RandomResizedCrop(224) + flip; square Resize(256) + CenterCrop(224)); VPT's own "
+       "code uses the ViT-paper weights, eps 1e-6, ImageNet mean/std and "
+       "Resize(256) + RandomCrop(224)."))
 
   m = ml_collections.ConfigDict()
   m.vit_weights = ""          # timm .pth/.safetensors or AugReg/big_vision .npz
@@ -245,7 +252,8 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   d.std = (0.5, 0.5, 0.5)
   d.resize = 0                # test square resize; 0: image_size * 8 // 7 (256 for 224)
   d.crop_scale = (0.08, 1.0)  # RandomResizedCrop scale range
-  d.batch_size = 256 if lpt else 128
+  # VPT: configs/base-prompt.yaml (128) and configs/base-linear.yaml (1024).
+  d.batch_size = 256 if lpt else (1024 if method == "linear" else 128)
   d.eval_batch_size = 256
   d.sampling = "dual" if lpt else "instance"  # dual | instance | class_aware
   d.num_samples_cls = 4       # class-aware: images per visited class
@@ -284,9 +292,10 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
       s.rules = tuple(PHASE1_RULES if stage == "phase1" else PHASE2_RULES)
       c[stage] = s
   else:
-    s = stage_config(epochs=100, lr=0.1 * 128 / 256, weight_decay=1e-4, schedule="vpt_cosine",
-                     warmup_epochs=10, warmup_lr_init=0.0, seed_ref=seed_ref,
-                     precision_ref=prec_ref, fsdp_ref=fsdp_ref)
+    # KMnP/vpt configs/{prompt,linear}/cub.yaml: BASE_LR 0.1, WEIGHT_DECAY 0.01.
+    s = stage_config(epochs=100, lr=0.1 * d.batch_size / 256, weight_decay=0.01,
+                     schedule="vpt_cosine", warmup_epochs=10, warmup_lr_init=0.0,
+                     seed_ref=seed_ref, precision_ref=prec_ref, fsdp_ref=fsdp_ref)
     s.rules = tuple(BASELINE_RULES)
     c.train = s
   return c
