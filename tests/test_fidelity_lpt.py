@@ -109,3 +109,28 @@ def test_vpt_configs_say_which_lpt_settings_they_share():
     assert "cub.yaml" in doc, name
     for shared in ("LayerNorm", "0.5", "RandomResizedCrop"):
       assert shared in doc, (name, shared)
+
+
+# ------------------------------------------------------------------------------------------
+# Item 6: the CIFAR-100-LT subset is built with seed 42 whatever the run seed.
+
+
+def test_cifar100_lt_subset_does_not_depend_on_the_run_seed(monkeypatch):
+  from jaxprompt.lpt import data as longtail
+
+  def fake_read(root, split):
+    n = 500 if split == "train" else 100
+    labels = np.repeat(np.arange(100), n)
+    images = np.arange(labels.size, dtype=np.int64).reshape(-1, 1, 1, 1)  # the index as pixel
+    return images, labels, []
+
+  monkeypatch.setattr(longtail, "read_cifar100_python", fake_read)
+  picked = {}
+  for seed in (7, 42, 1234):
+    c = lpt.paper_config("cifar100_lt", "lpt", imbalance_ratio=100, seed=seed)
+    train, _ = longtail.load_datasets(c)
+    picked[seed] = [int(r.image.reshape(-1)[0]) for r in train.records]
+  # DongSky/LPT phase2_test/vtab/imbalanced_cifar.py under np.random.seed(42).
+  want = longtail.cifar_lt_select(np.repeat(np.arange(100), 500), 100, 42, num_classes=100)
+  for seed, got in picked.items():
+    assert got == want.tolist(), seed
