@@ -134,3 +134,68 @@ def test_cifar100_lt_subset_does_not_depend_on_the_run_seed(monkeypatch):
   want = longtail.cifar_lt_select(np.repeat(np.arange(100), 500), 100, 42, num_classes=100)
   for seed, got in picked.items():
     assert got == want.tolist(), seed
+
+
+# ------------------------------------------------------------------------------------------
+# Item 7: every stage has its own PRNG stream (the run seed folded with the stage name).
+
+
+class _Stop(Exception):
+  pass
+
+
+def _capture_stage_seeds(monkeypatch, seen, run):
+  """Runs `run` until the trainer is called; records the seed it is handed."""
+  from jaxprompt import trainer
+
+  def fake(cfg, *, stage, **kw):
+    seen[stage] = int(cfg.seed)
+    raise _Stop(stage)
+
+  monkeypatch.setattr(trainer, "run_stage", fake)
+  with pytest.raises(_Stop):
+    run()
+
+
+def test_lpt_phases_have_their_own_prng_streams(tmp_path, monkeypatch):
+  from jaxprompt import seeds
+  c = tiny_config("lpt", epochs=1)
+  seen = {}
+  for stage in ("phase1", "phase2"):
+    _capture_stage_seeds(monkeypatch, seen, lambda: lpt.run(c, str(tmp_path), stage))
+  assert seen["phase1"] != seen["phase2"]
+  assert seen == {s: seeds.stage_seed(42, s) for s in ("phase1", "phase2")}
+  # The stage key is fold_in(key(seed), crc32(stage)): distinct draws per stage and seed.
+  draws = {(s, n): float(jax.random.uniform(jax.random.key(seeds.stage_seed(s, n))))
+           for s in (0, 42) for n in ("phase1", "phase2", "train")}
+  assert len(set(draws.values())) == len(draws)
+  assert c.phase1.seed == c.phase2.seed == 42  # the configs (and loaders) keep the run seed
+
+
+def test_clipreid_stages_have_their_own_prng_streams(tmp_path, monkeypatch):
+  from jaxprompt import seeds
+  from jaxprompt.clipreid import train as clipreid
+  from test_clipreid_pipeline import make_market, tiny_config as reid_tiny_config
+  root = make_market(str(tmp_path / "market"))
+  c = reid_tiny_config(root, "vit")
+  seen = {}
+  for stage in ("stage1", "stage2"):
+    _capture_stage_seeds(monkeypatch, seen, lambda: clipreid.run(c, str(tmp_path / "run"), stage))
+  assert seen["stage1"] != seen["stage2"]
+  assert seen == {s: seeds.stage_seed(int(c.seed), s) for s in ("stage1", "stage2")}
+
+
+def test_coop_training_has_its_own_prng_stream(tmp_path, monkeypatch):
+  from jaxprompt import seeds
+  from jaxprompt.coop import demo
+  from jaxprompt.coop import train as coop
+  from test_coop_train import _config as coop_config, _tiny_clip_npz
+  names = demo.CLASSES[:4]
+  for split, n, seed in (("train", 2, 0), ("test", 1, 1)):
+    demo.write_folder(str(tmp_path / "data" / split), n, seed, names)
+  c = coop_config(str(tmp_path / "data"), "coop", _tiny_clip_npz(str(tmp_path / "clip.npz")))
+  c.seeds = (3,)
+  seen = {}
+  _capture_stage_seeds(monkeypatch, seen, lambda: coop.run(c, str(tmp_path / "run"), "train"))
+  # The per-seed run seed (3), folded with the stage name like every other pipeline's stage.
+  assert seen == {"train": seeds.stage_seed(3, "train")} and seen["train"] != 3

@@ -43,6 +43,7 @@ from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import schedules
+from jaxprompt import seeds
 from jaxprompt import trainer
 from jaxprompt.clipreid import data as reid_data
 from jaxprompt.clipreid import losses as reid_losses
@@ -156,7 +157,7 @@ def run_stage1(ctx: Context) -> trainer.StageResult:
     return {"txt": variables["params"]["txt"], "prompt": {"cls_ctx": cls_ctx}}, {}
 
   return trainer.run_stage(
-      cfg, workdir=ctx.workdir, stage="stage1", init=init,
+      seeds.for_stage(cfg, "stage1"), workdir=ctx.workdir, stage="stage1", init=init,
       loss_fn=make_stage1_loss_fn(model, prompt), rules=stage_rules(cfg), loader=loader,
       make_tx=_make_tx(cfg, loader), frozen_source=ctx.clip_source())
 
@@ -312,7 +313,7 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
                   int(cfg.batch_size), seed=int(cfg.seed), workers=int(config.data.workers))
   source = ctx.clip_source() + ("" if baseline else " + stage1")
   return trainer.run_stage(
-      cfg, workdir=ctx.workdir, stage="stage2", init=init,
+      seeds.for_stage(cfg, "stage2"), workdir=ctx.workdir, stage="stage2", init=init,
       loss_fn=make_stage2_loss_fn(model, head, config, sie), rules=stage2_rules(config),
       loader=loader, make_tx=_make_tx(cfg, loader), frozen_source=source)
 

@@ -38,7 +38,7 @@ from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
 from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
-                                   shd, trainer)
+                                   seeds, shd, trainer)
 
 STAGES = ("train", "eval", "table")
 RULES = [(r"prompt/.*", optim.Rule()), (r".*", optim.FREEZE)]
@@ -166,8 +166,9 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
     d = math.gcd(bs, n_dev)
     logging.warning("batch %d does not split over %d devices; training on %d", bs, n_dev, d)
     mesh = shd.make_mesh([(shd.DATA, d)], devices=jax.devices()[:d])
-  result = trainer.run_stage(cfg, workdir=seed_dir, stage="train", init=init, loss_fn=loss_fn,
-                             rules=RULES, loader=loader, mesh=mesh,
+  # The stage's own PRNG stream (the prompt's init), as in every pipeline.
+  result = trainer.run_stage(seeds.for_stage(cfg, "train"), workdir=seed_dir, stage="train",
+                             init=init, loss_fn=loss_fn, rules=RULES, loader=loader, mesh=mesh,
                              make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
                              frozen_source=str(config.clip.weights))
   return jax.device_get(result.state["params"]["prompt"])

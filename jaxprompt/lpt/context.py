@@ -23,6 +23,7 @@ from absl import logging
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import schedules
+from jaxprompt import seeds
 from jaxprompt import trainer
 from jaxprompt.convert.timm_vit import load_vit
 from jaxprompt.data.loader import Loader, ShuffleSampler
@@ -304,7 +305,7 @@ def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: For
   loader = make_train_loader(setup.config, setup.train, int(cfg.total_epochs),
                              int(setup.config.seed) + seed_offset)
   return trainer.run_stage(
-      cfg, workdir=workdir, stage=stage, init=init,
+      seeds.for_stage(cfg, stage), workdir=workdir, stage=stage, init=init,
       loss_fn=make_loss_fn(setup.config, forward, setup.counts), rules=rules, loader=loader,
       make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
       frozen_source=frozen_source or setup.vit_source)
