@@ -180,3 +180,45 @@ def test_extract_with_out_of_range_camera_names_index_and_table(tmp_path, tiny_c
   cfg.extract.camid = 1
   clipreid.run(cfg, str(tmp_path / "wd"), stage="extract")
   assert os.path.isfile(cfg.extract.out)
+
+
+# ------------------------------------------------------------------------------------------
+# Item 8: VehicleID SIE + OLP clamps (the only runnable reading); VeRi is camera x view.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_module(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs",
+                                                                        "clipreid", name))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_vehicleid_sie_olp_clamps_and_says_so():
+  mod = _config_module("vehicleid_vit_b16_sie_olp.py")
+  c = mod.get_config()
+  assert c.model.sie_camera and not c.model.sie_view and c.model.sie_clamp
+  doc = " ".join(mod.__doc__.split())
+  for phrase in ("camera 0", "camera 1", "cannot index", "constant offset"):
+    assert phrase in doc, phrase
+  # Train images are camera 0 (a 1-row table); gallery images camera 1 use that row.
+  spec = clipreid.SIESpec(True, False, 1.0, 1, clamp=True)
+  table = np.asarray([[1.0, 2.0]], np.float32)
+  gallery = [reid_data.ReIDRecord("g.jpg", 5, 1, -1, 5)]
+  spec.check_indices(gallery, 1, "the gallery")
+  out = np.asarray(spec.vectors(table, np.asarray([1, 0]), np.asarray([-1, -1])))
+  np.testing.assert_array_equal(out, [[1.0, 2.0], [1.0, 2.0]])
+  # Nowhere else: every other recipe keeps the error.
+  for ds in ("market1501", "msmt17", "dukemtmc", "occ_duke", "veri"):
+    assert not clipreid.paper_config(ds, "vit_b16", "sie_olp").model.sie_clamp, ds
+
+
+def test_veri_sie_docstrings_say_camera_x_view():
+  mod = _config_module("veri_vit_b16_sie_olp.py")
+  c = mod.get_config()
+  assert c.model.sie_camera and c.model.sie_view
+  first = mod.__doc__.splitlines()[0]
+  assert "camera x view SIE" in first, first
