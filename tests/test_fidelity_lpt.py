@@ -10,6 +10,7 @@ import pytest
 
 from jaxprompt.lpt import baselines as vpt
 from jaxprompt.lpt import config as lpt_config
+from jaxprompt.lpt import context as cls_common
 from jaxprompt.lpt import train as lpt
 
 TINY = dict(width=64, depth=3, heads=1, mlp_dim=128, patch=4)
@@ -199,3 +200,40 @@ def test_coop_training_has_its_own_prng_stream(tmp_path, monkeypatch):
   _capture_stage_seeds(monkeypatch, seen, lambda: coop.run(c, str(tmp_path / "run"), "train"))
   # The per-seed run seed (3), folded with the stage name like every other pipeline's stage.
   assert seen == {"train": seeds.stage_seed(3, "train")} and seen["train"] != 3
+
+
+# ------------------------------------------------------------------------------------------
+# Item 9: a tower file with a pre-logits layer (ViT-paper weights) is flagged clearly.
+
+
+def _tower_files(tmp_path):
+  from jaxprompt.convert.io import write_arrays
+  from test_vit import make_timm, state_dict, to_augreg
+  sd = state_dict(make_timm(patch=8, dim=64, num_classes=10, seed=1))
+  files = {}
+  files["augreg"] = str(tmp_path / "B_16-i21k-augreg.npz")
+  write_arrays(files["augreg"], to_augreg(sd, heads=1))
+  files["augreg_pre"] = str(tmp_path / "imagenet21k_ViT-B_16.npz")
+  write_arrays(files["augreg_pre"], {**to_augreg(sd, heads=1),
+                                     "pre_logits/kernel": np.zeros((64, 64), np.float32),
+                                     "pre_logits/bias": np.zeros((64,), np.float32)})
+  files["timm_pre"] = str(tmp_path / "jx_vit_base_patch16_224_in21k.npz")
+  write_arrays(files["timm_pre"], {**sd, "pre_logits.fc.weight": np.zeros((64, 64), np.float32),
+                                   "pre_logits.fc.bias": np.zeros((64,), np.float32)})
+  return files
+
+
+@pytest.mark.parametrize("method", ["lpt", "vpt_deep"])
+def test_pre_logits_tower_file_warns_naming_file_and_expectation(tmp_path, method, recwarn):
+  files = _tower_files(tmp_path)
+  for kind in ("augreg_pre", "timm_pre"):
+    c = lpt.paper_config("synthetic", method, vit_weights=files[kind], image_size=32)
+    with pytest.warns(UserWarning) as rec:
+      cls_common.build_vit(c)
+    msg = " ".join(str(w.message) for w in rec)
+    assert files[kind] in msg and "pre-logits" in msg, msg
+    assert "AugReg" in msg and "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0" in msg
+  recwarn.clear()
+  cls_common.build_vit(lpt.paper_config("synthetic", method, vit_weights=files["augreg"],
+                                        image_size=32))
+  assert not [w for w in recwarn if "pre-logits" in str(w.message)]

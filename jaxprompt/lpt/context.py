@@ -64,6 +64,14 @@ def tiny_vit(tiny: Mapping[str, int], image_size: int, *, ln_eps: float = 1e-5,
   return vit, jax.device_get(init(jax.random.key(int(tiny["seed"]))))
 
 
+# DongSky/LPT builds timm's vit_base_patch16_224_in21k at timm 0.4.12-0.5.x: AugReg weights.
+EXPECTED_TOWER = (
+    "the AugReg ViT-B/16 IN-21k weights (timm vit_base_patch16_224_in21k at timm "
+    "0.4.12-0.5.x, i.e. vit_base_patch16_224.augreg_in21k; "
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz), which have no "
+    "pre-logits layer")
+
+
 def build_vit(config) -> tuple[ViT, dict]:
   """The frozen tower: `model.vit_weights` (timm or AugReg layout) or `model.tiny_random`."""
   m = config.model
@@ -72,7 +80,7 @@ def build_vit(config) -> tuple[ViT, dict]:
   if not m.vit_weights:
     raise ValueError("set model.vit_weights (a timm or AugReg ViT file) or model.tiny_random")
   model, variables = load_vit(m.vit_weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
-                              exact_gelu=bool(m.exact_gelu))
+                              exact_gelu=bool(m.exact_gelu), expected=EXPECTED_TOWER)
   return model.img, jax.device_get(variables["params"]["img"])
 
 
