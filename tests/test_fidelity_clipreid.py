@@ -222,3 +222,108 @@ def test_veri_sie_docstrings_say_camera_x_view():
   assert c.model.sie_camera and c.model.sie_view
   first = mod.__doc__.splitlines()[0]
   assert "camera x view SIE" in first, first
+
+
+# ------------------------------------------------------------------------------------------
+# Item 10: MSMT17 V1 vs V2, and VehicleID's 10-trial evaluation.
+
+
+def _msmt_lists(base, rel=lambda pid, i: f"{pid:04d}/{pid:04d}_{i:03d}_01_0303morning_0015_0.jpg"):
+  _write(os.path.join(base, "list_train.txt"), [f"{rel(0, 0)} 0", f"{rel(1, 0)} 1"])
+  _write(os.path.join(base, "list_val.txt"), [f"{rel(0, 1)} 0"])
+  _write(os.path.join(base, "list_query.txt"), [f"{rel(5, 0)} 5"])
+  _write(os.path.join(base, "list_gallery.txt"), [f"{rel(5, 1)} 5"])
+
+
+def _msmt_v2(root):
+  base = os.path.join(root, "MSMT17_V2")
+  os.makedirs(os.path.join(base, "mask_train_v2"))
+  os.makedirs(os.path.join(base, "mask_test_v2"))
+  _msmt_lists(base)
+  return base
+
+
+def _msmt_v1(root, name="MSMT17_V1"):
+  base = os.path.join(root, name)
+  os.makedirs(os.path.join(base, "train"))
+  os.makedirs(os.path.join(base, "test"))
+  _msmt_lists(base)
+  return base
+
+
+def test_msmt17_v2_layout_is_an_error_naming_v1(tmp_path):
+  base = _msmt_v2(str(tmp_path))
+  with pytest.raises(ValueError, match=r"MSMT17 V2.*mask_train_v2.*V1") as e:
+    reid_data.build_reid_dataset("msmt17", str(tmp_path))
+  assert base in str(e.value)
+  # Pointing the root at the V2 folder itself is caught too.
+  with pytest.raises(ValueError, match=r"MSMT17 V2"):
+    reid_data.read_msmt17(base)
+
+
+def test_msmt17_v1_is_read_even_beside_v2(tmp_path):
+  _msmt_v2(str(tmp_path))
+  v1 = _msmt_v1(str(tmp_path))
+  ds = reid_data.read_msmt17(str(tmp_path))
+  assert ds.root == v1 and len(ds.train) == 3 and len(ds.gallery) == 1
+
+
+def _vehicleid_images(root, n_test_ids=6, per_id=3):
+  from PIL import Image
+  base = os.path.join(root, "VehicleID_V1.0")
+  rng = np.random.default_rng(0)
+  train = [(f"0{i:03d}", 10 + i % 3) for i in range(6)]
+  test = [(f"1{i:03d}", 200 + i // per_id) for i in range(n_test_ids * per_id)]
+  os.makedirs(os.path.join(base, "image"), exist_ok=True)
+  for n, pid in train + test:
+    colour = np.random.default_rng(pid).integers(30, 220, size=3)
+    x = np.clip(colour + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(x).save(os.path.join(base, "image", n + ".jpg"), quality=95)
+  _write(os.path.join(base, "train_test_split", "train_list.txt"), [f"{n} {p}" for n, p in train])
+  _write(os.path.join(base, "train_test_split", "test_list_800.txt"), [f"{n} {p}" for n, p in test])
+  return root
+
+
+def test_vehicleid_eval_averages_its_random_gallery_trials(tmp_path, tiny_clip, monkeypatch):
+  import functools
+  from jaxprompt.convert import io as cio
+  from jaxprompt.clipreid import ranking
+  from jaxprompt.clipreid import transforms
+  # The tiny set has neither 13,164 train nor 800 test vehicles: skip the count checks.
+  monkeypatch.setitem(reid_data.READERS, "vehicleid",
+                      functools.partial(reid_data.read_vehicleid, check_counts=False))
+  monkeypatch.setattr(reid_data, "vehicleid_trials",
+                      functools.partial(reid_data.vehicleid_trials, check_counts=False))
+  root = _vehicleid_images(str(tmp_path / "data"))
+  model, variables = tiny_clip
+  path = str(tmp_path / "trained.npz")
+  cio.write_arrays(path, cio.flatten(jax.device_get({"img": variables["params"]["img"]})))
+  cfg = clipreid.paper_config("vehicleid", "vit_b16", "clipreid", root=root)
+  cfg.model.tiny_random.enabled = True
+  cfg.model.stride = 8
+  cfg.data.size = (32, 16)
+  cfg.data.workers = 2
+  cfg.data.vehicleid_trials = 4
+  cfg.model.trained_params = path
+  cfg.eval.batch_size = 8
+  cfg.eval.plots = False
+  res = clipreid.run(cfg, str(tmp_path / "wd"), stage="eval")["eval"]
+  trials = reid_data.vehicleid_trials(root, 800, int(cfg.seed), 4, check_counts=False)
+  assert len(res["trials"]) == 4 and len({tuple(r.path for r in g) for _, g in trials}) > 1
+  # Each trial scored on its own draw, from features computed here without the pipeline.
+  mean, std = transforms.norm_constants("vit_b16")
+  decode = transforms.make_reid_decode(False, (32, 16), mean, std)
+  want = []
+  for q, g in trials:
+    x = np.stack([decode(r, None)["image"] for r in q + g])
+    feats = np.asarray(m.test_embedding(model.apply({"params": {"img": variables["params"]["img"]}},
+                                                    x, None, False, method="image_features")))
+    pc = lambda rs: (np.array([r.pid for r in rs]), np.array([r.camid for r in rs]))  # noqa
+    (qp, qc), (gp, gc) = pc(q), pc(g)
+    cmc, m_ap = ranking.evaluate_features(feats[:len(q)], feats[len(q):], qp, gp, qc, gc)
+    want.append({"mAP": float(m_ap), "R1": float(cmc[0]), "R5": float(cmc[4])})
+  for got, exp in zip(res["trials"], want):
+    for k in ("mAP", "R1", "R5"):
+      assert got[k] == pytest.approx(exp[k], abs=1e-6), k
+  for k in ("mAP", "R1", "R5"):
+    assert res[k] == pytest.approx(np.mean([w[k] for w in want]), abs=1e-6), k

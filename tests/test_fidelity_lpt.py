@@ -237,3 +237,44 @@ def test_pre_logits_tower_file_warns_naming_file_and_expectation(tmp_path, metho
   cls_common.build_vit(lpt.paper_config("synthetic", method, vit_weights=files["augreg"],
                                         image_size=32))
   assert not [w for w in recwarn if "pre-logits" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------
+# Item 10: LPT's feature dropout reaches both halves of the dual (CB + IB) batch.
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_dropout_reaches_both_halves_of_the_dual_batch(phase):
+  from jaxprompt.lpt import model as lpt_model
+  c = tiny_config("lpt")
+  setup = cls_common.Context(c)
+  params = jax.device_get(setup.init_params())
+  fwd = lpt.phase1_forward(setup) if phase == 1 else lpt.phase2_forward(setup)
+  seen = []
+
+  def recording(p, images, rng):
+    out = fwd(p, images, rng)
+    seen.append((images, out["logits"]))
+    return out
+
+  b = 8
+  x = np.asarray(jax.random.normal(jax.random.key(0), (b, 16, 16, 3)), np.float32)
+  y = np.arange(b, dtype=np.int32) % setup.train.num_classes
+  # Identical CB and IB images: only dropout can make the two halves' logits differ.
+  batch = {"cb": {"image": x, "label": y}, "ib": {"image": x, "label": y},
+           "ib_weight": np.full((b,), 0.5, np.float32)}
+  loss_fn = cls_common.make_loss_fn(c, recording, setup.counts)
+  loss_fn(params, {}, batch, jax.random.key(1))
+  images, logits = seen[0]
+  assert images.shape[0] == 2 * b  # one forward over both halves
+  if phase == 1:
+    clean = lpt_model.classifier_forward(setup.vit, params, x, setup.spec, rng=None)
+  else:
+    clean = lpt_model.phase2_forward(setup.vit, params, x, setup.spec, rng=None,
+                                     fused=True)["logits"]
+  cb, ib = np.asarray(logits[:b]), np.asarray(logits[b:])
+  clean = np.asarray(clean)
+  assert np.abs(cb - clean).max() > 1e-4  # dropout on the CB half
+  assert np.abs(ib - clean).max() > 1e-4  # and on the IB half
+  assert np.abs(cb - ib).max() > 1e-4     # with independent masks
+  assert c.model.dropout == 0.1
