@@ -11,6 +11,7 @@ import pytest
 from jaxprompt.lpt import baselines as vpt
 from jaxprompt.lpt import config as lpt_config
 from jaxprompt.lpt import context as cls_common
+from jaxprompt.lpt import evaluate as lpt_evaluate
 from jaxprompt.lpt import train as lpt
 
 TINY = dict(width=64, depth=3, heads=1, mlp_dim=128, patch=4)
@@ -278,3 +279,53 @@ def test_dropout_reaches_both_halves_of_the_dual_batch(phase):
   assert np.abs(ib - clean).max() > 1e-4  # and on the IB half
   assert np.abs(cb - ib).max() > 1e-4     # with independent masks
   assert c.model.dropout == 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# Item 5: eval.select = 'last' (default) | 'best' (the reference's max-va.pth, on the test set).
+
+
+def test_select_defaults_to_last_and_is_documented():
+  for method in ("lpt", "vpt_deep", "linear"):
+    assert lpt.paper_config("places_lt", method).eval.select == "last"
+  doc = " ".join(_config_file("places_lt_lpt.py").__doc__.split())
+  assert "eval.select" in doc and "max-va.pth" in doc and "test" in doc
+
+
+def test_select_best_keeps_the_best_test_epoch(tmp_path):
+  c = tiny_config("vpt_deep", epochs=4)
+  c.eval.select = "best"
+  wd = str(tmp_path / "run")
+  res = vpt.run(c, wd)["eval"]["train"]
+  best = lpt_evaluate.read_best(wd, "train")
+  assert 0 <= best["epoch"] < 4 and res["select"] == "best" and res["best_epoch"] == best["epoch"]
+  history = best["history"]
+  assert len(history) == 4 and best["overall"] == max(history)
+  assert best["epoch"] == int(np.argmax(history))
+  assert res["overall"] == pytest.approx(best["overall"], abs=1e-9)
+  # 'last' on the same run evaluates the final checkpoint, whose accuracy is the last epoch's.
+  c.eval.select = "last"
+  last = vpt.run(c, wd, stage="eval")["eval"]["train"]
+  assert last["overall"] == pytest.approx(history[-1], abs=1e-9)
+  c.eval.select = "worst"
+  with pytest.raises(ValueError, match="eval.select"):
+    vpt.run(c, wd, stage="eval")
+
+
+def test_select_best_needs_a_run_trained_with_it(tmp_path):
+  c = tiny_config("vpt_deep", epochs=1)
+  wd = str(tmp_path / "run")
+  vpt.run(c, wd)
+  c.eval.select = "best"
+  with pytest.raises(FileNotFoundError, match="eval.select='best'"):
+    vpt.run(c, wd, stage="eval")
+
+
+def test_select_best_runs_both_lpt_phases(tmp_path):
+  c = tiny_config("lpt", epochs=2)
+  c.eval.select = "best"
+  res = lpt.run(c, str(tmp_path / "run"))["eval"]
+  for stage in ("phase1", "phase2"):
+    best = lpt_evaluate.read_best(str(tmp_path / "run"), stage)
+    assert len(best["history"]) == 2 and res[stage]["best_epoch"] == best["epoch"]
+    assert res[stage]["overall"] == pytest.approx(best["overall"], abs=1e-9)

@@ -281,6 +281,11 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   ev.stages = ("phase1", "phase2") if lpt else ("train",)  # finished stages to evaluate
   ev.fused = True                     # LPT: share the first blocks of the two passes
   ev.plots = True
+  # 'last': the final checkpoint of each stage (default). 'best': the epoch with the best
+  # overall accuracy on the evaluation split, checked after every epoch of training, as
+  # DongSky/LPT keeps max-va.pth, selected on the Places-LT *test* list (so it is
+  # optimistic); the run must be trained with it.
+  ev.select = "last"
   ev.predict_dir = ""                 # folder of images: write predicted class ids
   ev.predict_output = ""              # default <workdir>/eval/<stage>/predictions.tsv
   c.eval = ev

@@ -307,8 +307,10 @@ Setup = Context
 
 
 def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: ForwardFn,
-                init, seed_offset: int = 0, frozen_source: str = ""):
-  """One training stage on `run_stage` with this family's loader, loss and schedule."""
+                init, seed_offset: int = 0, frozen_source: str = "",
+                on_epoch_end: Optional[Callable] = None):
+  """One training stage on `run_stage` with this family's loader, loss and schedule;
+  `on_epoch_end` goes to `run_stage` (`evaluate.select_hook`: eval.select='best')."""
   cfg = setup.config[stage]
   loader = make_train_loader(setup.config, setup.train, int(cfg.total_epochs),
                              int(setup.config.seed) + seed_offset)
@@ -316,6 +318,6 @@ def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: For
       seeds.for_stage(cfg, stage), workdir=workdir, stage=stage, init=init,
       loss_fn=make_loss_fn(setup.config, forward, setup.counts), rules=rules, loader=loader,
       make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
-      frozen_source=frozen_source or setup.vit_source)
+      frozen_source=frozen_source or setup.vit_source, on_epoch_end=on_epoch_end)
 
 
