@@ -157,7 +157,7 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                                                     tuple(config.data.crop_scale)),
                   ShuffleSampler(n, seed), bs, seed=seed, workers=int(config.data.workers))
   cfg = ml_collections.ConfigDict(config.train.to_dict())
-  cfg.seed = seed
+  cfg.seed = seeds.stage_seed(seed, "train")  # the stage's own PRNG stream (prompt init)
   cfg.precision = config.clip.precision
   mesh = None
   n_dev = jax.device_count()
@@ -166,9 +166,8 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
     d = math.gcd(bs, n_dev)
     logging.warning("batch %d does not split over %d devices; training on %d", bs, n_dev, d)
     mesh = shd.make_mesh([(shd.DATA, d)], devices=jax.devices()[:d])
-  # The stage's own PRNG stream (the prompt's init), as in every pipeline.
-  result = trainer.run_stage(seeds.for_stage(cfg, "train"), workdir=seed_dir, stage="train",
-                             init=init, loss_fn=loss_fn, rules=RULES, loader=loader, mesh=mesh,
+  result = trainer.run_stage(cfg, workdir=seed_dir, stage="train", init=init, loss_fn=loss_fn,
+                             rules=RULES, loader=loader, mesh=mesh,
                              make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
                              frozen_source=str(config.clip.weights))
   return jax.device_get(result.state["params"]["prompt"])
