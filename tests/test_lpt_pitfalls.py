@@ -409,7 +409,7 @@ def test_vpt_no_weight_decay_on_head_bias_and_warmup_cosine():
   assert set(_flat(tr)) == {"head/bias", "head/kernel", "prompt/deep"}
   tx, schedule = cls_common.make_tx(cfg, spe)(tr, vpt.TRAIN_RULES, 6 * spe)
   base = 0.1 * 16 / 256
-  assert cfg.optimizer.lr == pytest.approx(base) and cfg.optimizer.weight_decay == 1e-4
+  assert cfg.optimizer.lr == pytest.approx(base) and cfg.optimizer.weight_decay == 0.01
   # VPT's WarmupCosineSchedule, stepped after each epoch: epoch 0 at lr 0.
   want = [base * (e / 2 if e < 2 else 0.5 * (1 + math.cos(math.pi * (e - 2) / 4)))
           for e in range(6) for _ in range(spe)]
@@ -510,7 +510,7 @@ def test_recipe_values():
   assert (v.model.head, v.model.prompt_init, v.model.prompt_dropout) == ("linear", "vpt_uniform",
                                                                         0.1)
   assert (o.schedule, o.warmup_epochs, v.train.total_epochs, o.weight_decay) == (
-      "vpt_cosine", 10, 100, 1e-4)
+      "vpt_cosine", 10, 100, 0.01)
   assert v.data.batch_size == 128 and o.lr == pytest.approx(0.1 * 128 / 256)
   assert lpt.paper_config("places_lt", "vpt_shallow").model.prompt_dropout == 0.0
   # VPT's backbone runs in eval mode and its head is one Linear: no feature dropout.

@@ -1,4 +1,4 @@
-"""VeRi-776, ViT-B/16: CLIP-ReID + SIE + OLP (camera SIE on the class token, coefficient 1.0, overlapping patches with stride 12).
+"""VeRi-776, ViT-B/16: CLIP-ReID + SIE + OLP (camera x view SIE on the class token, coefficient 1.0, overlapping patches with stride 12).
 
   python launch.py --config configs/clipreid/veri_vit_b16_sie_olp.py \
       --config.model.clip_weights=weights/clip_vit_b16.npz \
@@ -7,7 +7,8 @@
 
 Paper (mAP / R1, no re-ranking): 84.5 / 97.3. Numbers are from the last epoch, as the
 reference reports them.
-On VeRi-776 SIE uses camera and viewpoint (20 x 8 rows), as the released checkpoint implies.
+On VeRi-776 SIE uses camera x view: one row per (camera, viewpoint) pair, 20 x 8 = 160
+rows indexed camera * views + view, as the released checkpoint implies.
 
 Weights: OpenAI's ViT-B-16.pt (or its `.npz` from `python -m jaxprompt.convert`).
 Evaluate an authors' released checkpoint instead of training:

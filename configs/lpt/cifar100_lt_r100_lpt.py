@@ -8,6 +8,12 @@
 Paper (overall accuracy): 89.1. The reference gives no CIFAR recipe: its defaults
 (90 epochs, SGD lr 0.02 at batch 256, 224x224 input) are used.
 
+Model selection: results are from the last epoch (eval.select='last', the default). The
+reference (DongSky/LPT phase2_test/train_dual_dualloss.py) keeps max-va.pth, the epoch with
+the best accuracy on the test list, so the paper's number most likely comes from that
+checkpoint. eval.select='best' selects on the test set exactly as the reference does (a test
+evaluation after every epoch; optimistic, as any selection on the test set).
+
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """

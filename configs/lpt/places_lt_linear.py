@@ -7,6 +7,14 @@
 
 Paper (Table 1; overall / many / medium / few): 33.29 / 46.48 / 29.45 / 18.77.
 
+Recipe: one VPT configuration, KMnP/vpt configs/linear/cub.yaml over
+configs/base-linear.yaml (SGD 0.9, lr 0.1 @ 256, wd 0.01, batch 1024, 100 epochs with 10
+warm-up epochs, warm-up cosine); the LPT paper gives no VPT hyper-parameters. Deliberately
+shared with LPT so the baseline is comparable: the AugReg IN-21k tower, LayerNorm eps 1e-5,
+mean = std = 0.5 and LPT's crops (RandomResizedCrop(224) + flip; square Resize(256) +
+CenterCrop(224)); VPT's own code uses the ViT-paper weights, eps 1e-6, ImageNet mean/std and
+Resize(256) + RandomCrop(224).
+
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 """

@@ -9,6 +9,12 @@ Paper (Table 8 row d; overall / many / medium / few): 50.07 / 49.27 / 52.31 / 46
 1.01M tuned parameters. The phase-1 evaluation of the same run is row (c):
 49.41 / 46.89 / 52.54 / 47.32.
 
+Model selection: results are from the last epoch (eval.select='last', the default). The
+reference (DongSky/LPT phase2_test/train_dual_dualloss.py) keeps max-va.pth, the epoch with
+the best accuracy on the test list, so the paper's number most likely comes from that
+checkpoint. eval.select='best' selects on the test set exactly as the reference does (a test
+evaluation after every epoch; optimistic, as any selection on the test set).
+
 Weights: the AugReg ViT-B/16 IN-21k `.npz` (or its timm state dict), converted once with
 `python -m jaxprompt.convert` if it is a torch file. Data layouts: see README.
 

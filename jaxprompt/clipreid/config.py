@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     stride        ViT patch-embedding stride: 16, or 12 for OLP (ViT only)
     last_stride   ModifiedResNet layer4 stride (1, the ReID change; RN only)
     sie_camera / sie_view / sie_coe   SIE on the class token (ViT only), coefficient lambda
+    sie_clamp     False: a camera/view index outside the SIE table is an error; True: it
+                  uses the last row (only VehicleID SIE + OLP, whose test cameras the
+                  training table cannot index)
     trained_params  a full params file (npz/safetensors with '/'-joined names, e.g. a
                   converted released checkpoint) used by 'eval' and 'extract' instead of
                   this workdir's stage-2 checkpoint; names may start with 'params/' and
@@ -120,7 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       clip_weights="", stride=16, last_stride=1, sie_camera=False, sie_view=False,
-      sie_coe=3.0, trained_params="", released_checkpoint=""))
+      sie_coe=3.0,
+      sie_clamp=False,  # True: out-of-table SIE indices use the last row instead of raising
+      trained_params="", released_checkpoint=""))
   c.model.tiny_random = ml_collections.ConfigDict(dict(
       enabled=False, seed=0, vision="vit", width=32, layers=2, heads=2, patch_size=8,
       rn_layers=[1, 1, 1, 1], embed_dim=32, text_width=32, text_heads=2, text_layers=1))
@@ -222,6 +227,9 @@ def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
     c.model.sie_camera = True
     c.model.sie_view = ds == "veri"
     c.model.sie_coe = 1.0
+    # VehicleID trains on camera 0 only and tests the gallery as camera 1, which the
+    # reference's one-row table cannot index; clamping is the only runnable reading.
+    c.model.sie_clamp = ds == "vehicleid"
   return c
 
 

@@ -67,23 +67,52 @@ def load_backbone(config) -> tuple[CLIP, dict]:
 
 @dataclasses.dataclass
 class SIESpec:
-  """How camera/view indices become SIE rows (static; shapes come from the data)."""
+  """How camera/view indices become SIE rows (static; shapes come from the data).
+
+  An index outside the table is an error (`check_indices`, on the host, before any
+  embedding), as the reference's torch indexing fails on it. Only `clamp=True`
+  (`model.sie_clamp`) maps such an index to the last row instead.
+  """
   camera: bool
   view: bool
   coefficient: float
   num_views: int
+  clamp: bool = False
 
   @property
   def on(self) -> bool:
     return self.camera or self.view
 
+  def indices(self, camid, viewid):
+    return clipreid.sie_index(camid, np.maximum(viewid, 0) if isinstance(viewid, np.ndarray)
+                              else jnp.maximum(viewid, 0), self.num_views, self.camera,
+                              self.view)
+
+  def check_indices(self, records, rows: int, what: str) -> None:
+    """Raise on the first record whose SIE row is outside a table of `rows` rows."""
+    if not self.on or self.clamp or not records:
+      return
+    cams = np.asarray([r.camid for r in records], np.int64)
+    views = np.asarray([r.viewid for r in records], np.int64)
+    idx = self.indices(cams, views)
+    bad = np.flatnonzero((idx < 0) | (idx >= rows))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(
+          f"SIE index {int(idx[i])} (camera {int(cams[i])}, view {int(views[i])}) of "
+          f"{records[i].path} in {what} is out of range for the SIE table of {rows} rows "
+          f"(model.sie_camera={self.camera}, model.sie_view={self.view}, "
+          f"{self.num_views} views); {int(bad.size)} of {len(records)} images are out of range")
+
   def vectors(self, table, camid, viewid):
     if not self.on or table is None:
       return None
-    idx = clipreid.sie_index(camid, jnp.maximum(viewid, 0), self.num_views, self.camera,
-                             self.view)
-    # Out-of-range indices (e.g. VehicleID's gallery camera 1) clamp to the last row.
-    return self.coefficient * table[jnp.clip(idx, 0, table.shape[0] - 1)]
+    idx = self.indices(camid, viewid)
+    if self.clamp:
+      # Only where the recipe cannot index its own table (VehicleID SIE + OLP: every gallery
+      # image has camera 1, the table one row): the last row, i.e. a constant offset.
+      idx = jnp.clip(idx, 0, table.shape[0] - 1)
+    return self.coefficient * table[idx]
 
 
 class Context:
@@ -142,8 +171,10 @@ class Context:
   def sie_spec(self, num_views: Optional[int] = None) -> SIESpec:
     m = self.config.model
     if num_views is None:
-      num_views = self.dataset.num_train_views if (m.sie_camera and m.sie_view) else 1
-    return SIESpec(bool(m.sie_camera), bool(m.sie_view), float(m.sie_coe), int(num_views))
+      # One row per view in view-only mode, as in camera x view mode.
+      num_views = self.dataset.num_train_views if m.sie_view else 1
+    return SIESpec(bool(m.sie_camera), bool(m.sie_view), float(m.sie_coe), int(num_views),
+                   bool(m.sie_clamp))
 
   def decode(self, train: bool):
     return transforms.make_reid_decode(train, self.size, self.mean, self.std)

@@ -332,14 +332,34 @@ def _check_contiguous(name: str, list_path: str, records: list[ReIDRecord]) -> N
                      "expected the MSMT17 V1 lists")
 
 
+def _refuse_msmt17_v2(root: str) -> None:
+  """The V2 release (mask_train_v2 / mask_test_v2: blurred faces, other images) gives
+  clearly lower numbers than the V1 the reference's results use; refuse it by name."""
+  root = os.path.expanduser(str(root))
+  for cand in ("MSMT17_V2", "MSMT17", ""):
+    base = os.path.join(root, cand) if cand else root
+    found = [d for d in ("mask_train_v2", "mask_test_v2") if os.path.isdir(os.path.join(base, d))]
+    if found:
+      raise ValueError(
+          f"msmt17: {base} is the MSMT17 V2 release ({', '.join(found)}); the CLIP-ReID "
+          "recipe and its reported numbers use MSMT17 V1 (train/, test/ and list_train.txt, "
+          "list_val.txt, list_query.txt, list_gallery.txt): set data.root to the V1 folder")
+
+
 def read_msmt17(root: str) -> ReIDDataset:
   """MSMT17 V1: train = list_train + list_val (as the reference); camera from the file name.
+
+  A V2 layout (mask_train_v2 / mask_test_v2) without a V1 folder beside it is an error.
 
   List lines are 'relpath pid' with relpath relative to `train/` or `test/` (the V1 lists
   write e.g. `0000/0000_000_01_0303morning_0015_0.jpg`).
   """
   name = "msmt17"
-  base = _resolve_dir(name, root, ("MSMT17", "MSMT17_V1", ""), ("train", "test"))
+  try:
+    base = _resolve_dir(name, root, ("MSMT17", "MSMT17_V1", ""), ("train", "test"))
+  except FileNotFoundError:
+    _refuse_msmt17_v2(root)
+    raise
   train_dir, test_dir = os.path.join(base, "train"), os.path.join(base, "test")
   lists = {k: os.path.join(base, f"list_{k}.txt") for k in ("train", "val", "query", "gallery")}
   train = _read_msmt_list(lists["train"], train_dir)

@@ -182,7 +182,8 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
   if config.model.released_checkpoint:
     check_released(ctx)
   v, origin = trained_image_model(ctx)
-  fn = ctx.embed_fn("test", ctx.sie_spec(), int(e.batch_size))
+  fn_sie = ctx.sie_spec()
+  fn = ctx.embed_fn("test", fn_sie, int(e.batch_size))
   v = fn.place(v)
   decode = ctx.decode(False)
   opts = dict(max_rank=int(e.max_rank), rerank=bool(e.rerank), k1=int(e.k1), k2=int(e.k2),
@@ -190,11 +191,14 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
               grid_queries=int(e.grid_queries), grid_topk=int(e.grid_topk))
   label = f"{config.variant} {config.backbone} {ds.name}"
   result = {"key": key, "weights": origin, "dataset": ds.name}
+  sie_rows = None if v.get("sie") is None else int(v["sie"].shape[0])
   if _dataset_key(config.data.name) == "vehicleid":
     # Every trial splits the same test images: embed them once, index per trial.
     trials = reid_data.vehicleid_trials(config.data.root, int(config.data.vehicleid_test_size),
                                         int(config.seed), int(config.data.vehicleid_trials))
     records = trials[0][0] + trials[0][1]
+    if sie_rows is not None:
+      fn_sie.check_indices(records, sie_rows, "the query and gallery")
     feats = fn(v, records, decode)
     row = {r.path: i for i, r in enumerate(records)}
     per_trial = []
@@ -210,6 +214,8 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
     result["cmc"] = per_trial[0]["cmc"]
   else:
     records = ds.query + ds.gallery
+    if sie_rows is not None:
+      fn_sie.check_indices(records, sie_rows, "the query and gallery")
     feats = fn(v, records, decode)
     nq = len(ds.query)
     res = evaluate_split(feats[:nq], feats[nq:], ds.query, ds.gallery,
@@ -250,6 +256,8 @@ def run_extract(ctx: Context) -> dict:
   else:
     raise ValueError(f"extract.source must be 'trained' or 'pretrained', got {x.source!r}")
   records = [reid_data.ReIDRecord(p, -1, int(x.camid), int(x.viewid), -1) for p in paths]
+  if v.get("sie") is not None:
+    sie.check_indices(records, int(v["sie"].shape[0]), "extract.camid / extract.viewid")
   fn = ctx.embed_fn("test", sie, int(x.batch_size))
   feats = fn(fn.place(v), records, ctx.decode(False))
   if jax.process_index() == 0:

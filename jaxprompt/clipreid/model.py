@@ -10,6 +10,7 @@ image tower reads the SIE vector for the class token.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +31,13 @@ NUM_ID_TOKENS = 4   # the four "X" placeholders
 
 
 def template_for(dataset: str) -> str:
-  """The reference picks the vehicle template for VeRi and VehicleID only."""
-  return TEMPLATES["vehicle" if dataset.lower() in VEHICLE_DATASETS else "person"]
+  """The reference picks the vehicle template for VeRi and VehicleID only.
+
+  The VehicleID reader names its dataset `vehicleid-<test size>` (e.g. `vehicleid-800`);
+  that suffix is the test list, not another dataset, so it maps to `vehicleid`.
+  """
+  name = re.sub(r"-\d+$", "", dataset.lower())
+  return TEMPLATES["vehicle" if name in VEHICLE_DATASETS else "person"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import schedules
+from jaxprompt import seeds
 from jaxprompt import trainer
 from jaxprompt.clipreid import data as reid_data
 from jaxprompt.clipreid import losses as reid_losses
@@ -156,7 +157,7 @@ def run_stage1(ctx: Context) -> trainer.StageResult:
     return {"txt": variables["params"]["txt"], "prompt": {"cls_ctx": cls_ctx}}, {}
 
   return trainer.run_stage(
-      cfg, workdir=ctx.workdir, stage="stage1", init=init,
+      seeds.for_stage(cfg, "stage1"), workdir=ctx.workdir, stage="stage1", init=init,
       loss_fn=make_stage1_loss_fn(model, prompt), rules=stage_rules(cfg), loader=loader,
       make_tx=_make_tx(cfg, loader), frozen_source=ctx.clip_source())
 
@@ -295,6 +296,7 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
       params["txt"] = variables["params"]["txt"]
     if sie.on:
       rows = clipreid.sie_rows(ds.num_train_cams, sie.num_views, sie.camera, sie.view)
+      sie.check_indices(ds.train, rows, "the training split")
       prompt["sie"] = jax.device_get(jax.jit(clipreid.init_sie, static_argnums=(1, 2))(
           r_sie, rows, dims["final"]))
     if prompt:
@@ -311,24 +313,36 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
                   int(cfg.batch_size), seed=int(cfg.seed), workers=int(config.data.workers))
   source = ctx.clip_source() + ("" if baseline else " + stage1")
   return trainer.run_stage(
-      cfg, workdir=ctx.workdir, stage="stage2", init=init,
+      seeds.for_stage(cfg, "stage2"), workdir=ctx.workdir, stage="stage2", init=init,
       loss_fn=make_stage2_loss_fn(model, head, config, sie), rules=stage2_rules(config),
       loader=loader, make_tx=_make_tx(cfg, loader), frozen_source=source)
 
 
 def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
-  """Text features of all identities from stage 1's tokens; cached next to stage 2."""
+  """Text features of all identities from stage 1's tokens; cached next to stage 2.
+
+  The cache is keyed on everything the features depend on: the template, the identity
+  tokens and the text tower's weights (by fingerprint), so a changed template or tower
+  never reuses stale features.
+  """
   path = os.path.join(ctx.stage_dir("stage2"), "text_features.npz")
+  model, variables = ctx.clip
+  template = clipreid.template_for(ctx.dataset.name)
+  txt_fp = np.asarray(ckpt_lib.fingerprint(variables["params"]["txt"]), np.uint32)
   if os.path.isfile(path):
     with np.load(path) as f:
-      if np.array_equal(f["cls_ctx"], cls_ctx):
+      if ("template" in f and str(f["template"]) == template
+          and np.array_equal(f["txt_fingerprint"], txt_fp)
+          and np.array_equal(f["cls_ctx"], cls_ctx)):
         return f["features"]
-  model, variables = ctx.clip
+    logging.info("stage2: %s was computed from other tokens, template or text weights; "
+                 "recomputing", path)
   prompt = clipreid.build_text_prompt(model, {"params": {"txt": variables["params"]["txt"]}},
-                                      clipreid.template_for(ctx.dataset.name))
+                                      template)
   feats = text_features_all(model, variables["params"]["txt"], prompt, cls_ctx,
                             chunk=int(ctx.config.stage2.batch_size))
-  _save_cache(path, features=feats, cls_ctx=cls_ctx)
+  _save_cache(path, features=feats, cls_ctx=cls_ctx, template=np.asarray(template),
+              txt_fingerprint=txt_fp)
   return feats
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -26,7 +27,8 @@ from jaxprompt.models.vit import Dtype, ViT, ViTConfig, ViTModel, resize_pos_emb
 
 # Prefixes under which big_vision / vit_jax checkpoints keep the tower.
 _AUGREG_PREFIXES = ("params/img/", "params/", "opt/target/", "")
-_TIMM_SKIP = re.compile(r"^head\.")
+# The pre-logits layer of the ViT-paper weights is not part of the tower (as the AugReg one).
+_TIMM_SKIP = re.compile(r"^(head|pre_logits)\.")
 _AUGREG_SKIP = re.compile(r"^(head|pre_logits)/")
 
 
@@ -247,6 +249,14 @@ def from_augreg(npz_arrays: Mapping[str, np.ndarray], config: ViTConfig) -> dict
   return _variables(out)
 
 
+def pre_logits_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+  """Names of a pre-logits (representation) layer: the original ViT-paper IN-21k weights
+  have one (timm `pre_logits.fc.*`, vit_jax `pre_logits/*`); AugReg weights do not."""
+  return sorted(k for k in arrays
+                if k.startswith("pre_logits.") or any(k.startswith(p + "pre_logits/")
+                                                       for p in _AUGREG_PREFIXES))
+
+
 def head_info(arrays: Mapping[str, np.ndarray]) -> str:
   """A short note on the classifier/pre-logits layers a loader skips ('' if none)."""
   notes = []
@@ -257,14 +267,16 @@ def head_info(arrays: Mapping[str, np.ndarray]) -> str:
   for p in _AUGREG_PREFIXES:
     if p + "pre_logits/kernel" in arrays:
       notes.append(f"pre-logits layer {p}pre_logits/kernel")
+  if "pre_logits.fc.weight" in arrays:
+    notes.append("pre-logits layer pre_logits.fc.weight")
   return "; ".join(dict.fromkeys(notes))
 
 
 def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
              image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
              exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
-             grid: Optional[Sequence[int]] = None, remat: bool = False
-             ) -> tuple[ViTModel, dict]:
+             grid: Optional[Sequence[int]] = None, remat: bool = False,
+             expected: Optional[str] = None) -> tuple[ViTModel, dict]:
   """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
 
   Args:
@@ -278,6 +290,9 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     grid: the checkpoint's own patch grid when its position embedding is not
       square.
     remat: rematerialise the blocks in the backward pass (less memory).
+    expected: what the caller's recipe expects (a sentence naming the weights);
+      when given, a file with a pre-logits layer (the ViT-paper weights, not
+      AugReg) raises a UserWarning naming the file and this expectation.
 
   Returns:
     `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
@@ -296,6 +311,13 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
   dropped = head_info(arrays)
   if dropped:
     logging.info("load_vit: %s (%s layout): dropped %s", name, layout, dropped)
+  pre = pre_logits_keys(arrays)
+  if pre and expected:
+    msg = (f"{name} has a pre-logits layer ({', '.join(pre)}): it looks like the original "
+           f"ViT-paper weights, not what this recipe expects: {expected}. The pre-logits "
+           "layer is dropped and the tower loads, but its features (and results) differ.")
+    warnings.warn(msg, UserWarning, stacklevel=2)
+    logging.warning("%s", msg)
   img = jax.tree.map(jnp.asarray, variables["params"]["img"])
   if image_size is not None:
     img, config = resize_pos_embed(img, config, image_size)

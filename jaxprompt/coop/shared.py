@@ -7,6 +7,7 @@ from __future__ import annotations
 from jaxprompt import checkpoint as ckpt_lib  # noqa: F401
 from jaxprompt import metrics as metrics_lib  # noqa: F401
 from jaxprompt import optim  # noqa: F401
+from jaxprompt import seeds  # noqa: F401
 from jaxprompt import sharding as shd  # noqa: F401
 from jaxprompt import tokenizer  # noqa: F401
 from jaxprompt import trainer  # noqa: F401

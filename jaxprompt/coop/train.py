@@ -39,7 +39,7 @@ from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
 from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
-                                   shd, trainer)
+                                   seeds, shd, trainer)
 
 STAGES = ("train", "eval", "table")
 RULES = optim.rules_from_config(config_lib.TRAIN_RULES)  # the default of `train.rules`
@@ -158,7 +158,7 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                                                     tuple(config.data.crop_scale)),
                   ShuffleSampler(n, seed), bs, seed=seed, workers=int(config.data.workers))
   cfg = ml_collections.ConfigDict(config.train.to_dict())
-  cfg.seed = seed
+  cfg.seed = seeds.stage_seed(seed, "train")  # the stage's own PRNG stream (prompt init)
   cfg.precision = config.clip.precision
   mesh = None
   n_dev = jax.device_count()

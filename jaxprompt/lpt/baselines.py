@@ -61,7 +61,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     results["train"] = context.train_stage(
         setup, workdir, "train", forward=make_forward(setup),
         rules=optim.rules_from_config(config.train.rules, "train.rules"),
-        init=lambda rng: (setup.init_params(), {}))
+        init=lambda rng: (setup.init_params(), {}),
+        on_epoch_end=evaluate.select_hook(setup, workdir, "train", phase=1))
 
   # Eval on the test split.
   if stage in (None, "eval"):

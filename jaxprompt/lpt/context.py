@@ -23,6 +23,7 @@ from absl import logging
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import schedules
+from jaxprompt import seeds
 from jaxprompt import trainer
 from jaxprompt.convert.timm_vit import load_vit
 from jaxprompt.data.loader import Loader, ShuffleSampler
@@ -63,6 +64,14 @@ def tiny_vit(tiny: Mapping[str, int], image_size: int, *, ln_eps: float = 1e-5,
   return vit, jax.device_get(init(jax.random.key(int(tiny["seed"]))))
 
 
+# DongSky/LPT builds timm's vit_base_patch16_224_in21k at timm 0.4.12-0.5.x: AugReg weights.
+EXPECTED_TOWER = (
+    "the AugReg ViT-B/16 IN-21k weights (timm vit_base_patch16_224_in21k at timm "
+    "0.4.12-0.5.x, i.e. vit_base_patch16_224.augreg_in21k; "
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz), which have no "
+    "pre-logits layer")
+
+
 def build_vit(config) -> tuple[ViT, dict]:
   """The frozen tower: `model.vit_weights` (timm or AugReg layout) or `model.tiny_random`."""
   m = config.model
@@ -71,7 +80,7 @@ def build_vit(config) -> tuple[ViT, dict]:
   if not m.vit_weights:
     raise ValueError("set model.vit_weights (a timm or AugReg ViT file) or model.tiny_random")
   model, variables = load_vit(m.vit_weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
-                              exact_gelu=bool(m.exact_gelu))
+                              exact_gelu=bool(m.exact_gelu), expected=EXPECTED_TOWER)
   return model.img, jax.device_get(variables["params"]["img"])
 
 
@@ -298,15 +307,17 @@ Setup = Context
 
 
 def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: ForwardFn,
-                init, seed_offset: int = 0, frozen_source: str = ""):
-  """One training stage on `run_stage` with this family's loader, loss and schedule."""
+                init, seed_offset: int = 0, frozen_source: str = "",
+                on_epoch_end: Optional[Callable] = None):
+  """One training stage on `run_stage` with this family's loader, loss and schedule;
+  `on_epoch_end` goes to `run_stage` (`evaluate.select_hook`: eval.select='best')."""
   cfg = setup.config[stage]
   loader = make_train_loader(setup.config, setup.train, int(cfg.total_epochs),
                              int(setup.config.seed) + seed_offset)
   return trainer.run_stage(
-      cfg, workdir=workdir, stage=stage, init=init,
+      seeds.for_stage(cfg, stage), workdir=workdir, stage=stage, init=init,
       loss_fn=make_loss_fn(setup.config, forward, setup.counts), rules=rules, loader=loader,
       make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
-      frozen_source=frozen_source or setup.vit_source)
+      frozen_source=frozen_source or setup.vit_source, on_epoch_end=on_epoch_end)
 
 

@@ -345,7 +345,9 @@ def load_datasets(config, *, check_train_files: bool = True
     return synthetic_lt(**dict(d.synthetic))
   if name == "cifar100_lt":
     root = d.root or None
-    return (load_cifar100_lt(root, d.imbalance_ratio, "train", seed=int(config.seed),
+    # The subset is part of the dataset, not of the run: DongSky/LPT builds it under
+    # np.random.seed(42), so changing config.seed must not change the images.
+    return (load_cifar100_lt(root, d.imbalance_ratio, "train", seed=42,
                                       source=d.cifar_source),
             load_cifar100_lt(root, d.imbalance_ratio, "test", source=d.cifar_source))
   if name == "places_lt":

@@ -18,18 +18,20 @@ which no standard benchmark has).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from absl import logging
 
 from jaxprompt import metrics as metrics_lib
+from jaxprompt import optim
+from jaxprompt.convert import io as cio
 from jaxprompt.data import files as data_files
 from jaxprompt.data.loader import Loader, PaddedSequentialSampler
 from jaxprompt.lpt import data as longtail
 from jaxprompt.lpt import model as lpt_model
-from jaxprompt.lpt.context import Context, decode_fn, params_after
+from jaxprompt.lpt.context import Context, decode_fn, overlay, params_after
 from jaxprompt.lpt.transforms import lpt_test_transform
 
 BUCKETS = ("many", "medium", "few")
@@ -269,11 +271,82 @@ def predict_folder(config, predict, params, folder: str, output: str,
   return rows
 
 
+SELECT = ("last", "best")
+
+
+def _check_select(config) -> str:
+  sel = config.eval.select
+  if sel not in SELECT:
+    raise ValueError(f"eval.select must be one of {SELECT}, got {sel!r}")
+  return sel
+
+
+def best_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "best")
+
+
+def read_best(workdir: str, stage: str) -> Optional[dict]:
+  """{'epoch', 'overall', 'history'} of `eval.select='best'` for `stage`, or None."""
+  return metrics_lib.read_json(os.path.join(best_dir(workdir, stage), "best.json"))
+
+
+def make_select_best(setup: Context, workdir: str, stage: str, phase: int):
+  """`on_epoch_end` for `eval.select='best'`: overall test accuracy after each epoch; the
+  trainable leaves of the best epoch go to `<stage>/best/params.npz` (kept across resumes)."""
+  config = setup.config
+  predict = lpt_model.make_predict(setup.vit, setup.spec, phase=phase,
+                                   fused=bool(config.eval.fused))
+  decode = decode_fn(config, train=False)
+  out = best_dir(workdir, stage)
+
+  def on_epoch_end(epoch: int, state: dict, frozen) -> dict:
+    params = optim.merge(state["params"], frozen)
+    res = run_predict(predict, params, setup.test.records, decode,
+                      int(config.data.eval_batch_size), int(config.data.workers))
+    acc = 100.0 * float(np.mean(res["pred"] == setup.test.labels))
+    best = read_best(workdir, stage) or {"epoch": -1, "overall": -1.0, "history": []}
+    history = list(best["history"])[:epoch] + [acc]
+    if acc > best["overall"] or best["epoch"] >= epoch:
+      best.update(epoch=int(epoch), overall=acc)
+      if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
+        cio.write_arrays(os.path.join(out, "params.npz"),
+                         cio.flatten(jax.device_get(state["params"])))
+    best["history"] = history
+    metrics_lib.write_json(os.path.join(out, "best.json"), best, indent=1)
+    return {"overall": acc}
+
+  return on_epoch_end
+
+
+def select_hook(setup: Context, workdir: str, stage: str, phase: int
+                ) -> Optional[Callable[[int, dict, Any], dict]]:
+  """The `on_epoch_end` of training `stage` (its `phase` model): `make_select_best` under
+  `eval.select='best'`, None under 'last'."""
+  if _check_select(setup.config) == "best":
+    return make_select_best(setup, workdir, stage, phase)
+  return None
+
+
 def eval_stage(setup: Context, workdir: str, stage_chain: Sequence[str], *, phase: int = 2,
                predict_images: bool = True) -> dict:
   """Evaluate the model after the last stage of `stage_chain` (read from the checkpoints
-  of the whole chain); predictions for `eval.predict_dir` if set."""
+  of the whole chain); predictions for `eval.predict_dir` if set. Under
+  `eval.select='best'`, the last stage's best epoch (`make_select_best`) instead."""
   name = stage_chain[-1]
+  if _check_select(setup.config) == "best":
+    best = read_best(workdir, name)
+    path = os.path.join(best_dir(workdir, name), "params.npz")
+    if best is None or not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"eval.select='best' needs {path} and best.json, written while training stage "
+          f"{name!r} with eval.select='best'; this run was not: retrain it with "
+          "eval.select='best', or evaluate with eval.select='last'")
+    params = params_after(workdir, stage_chain[:-1], setup.init_params())
+    params = overlay(params, cio.unflatten(cio.read_arrays(path)))
+    return evaluate_params(setup, workdir, name, params, phase=phase,
+                           predict_images=predict_images,
+                           extra={"select": "best", "best_epoch": int(best["epoch"])})
   params = params_after(workdir, stage_chain, setup.init_params())
   return evaluate_params(setup, workdir, name, params, phase=phase,
                          predict_images=predict_images)

@@ -89,7 +89,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     results["phase1"] = context.train_stage(
         setup, workdir, "phase1", forward=phase1_forward(setup),
         rules=optim.rules_from_config(config.phase1.rules, "phase1.rules"),
-        init=lambda rng: (setup.init_params(), {}))
+        init=lambda rng: (setup.init_params(), {}),
+        on_epoch_end=evaluate.select_hook(setup, workdir, "phase1", phase=1))
 
   # Phase 2: group prompts, keys and head (from phase 1); shared prompts and tower frozen.
   if stage in (None, "phase2"):
@@ -100,7 +101,8 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     results["phase2"] = context.train_stage(
         setup, workdir, "phase2", forward=phase2_forward(setup), init=init2,
         rules=optim.rules_from_config(config.phase2.rules, "phase2.rules"),
-        seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1")
+        seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1",
+        on_epoch_end=evaluate.select_hook(setup, workdir, "phase2", phase=2))
 
   # Eval: each requested finished stage, on the test split.
   if released:
