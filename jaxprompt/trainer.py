@@ -271,13 +271,12 @@ class _Stage:
 
   def __init__(self, cfg: Mapping, *, workdir: str, stage: str, loss_fn: LossFn, rules: Sequence,
                loader, make_tx: Optional[Callable], frozen_source: str,
-               mesh: Optional[jax.sharding.Mesh], on_epoch_end: Optional[Callable],
-               carry: Sequence[str]):
+               mesh: Optional[jax.sharding.Mesh], carry: Sequence[str]):
     defaults = stage_defaults()
     self.get = lambda k: cfg[k] if k in cfg else defaults[k]  # noqa: E731
     self.stage, self.workdir, self.loss_fn, self.rules = stage, workdir, loss_fn, list(rules)
     self.loader, self.make_tx, self.frozen_source = loader, make_tx, frozen_source
-    self.mesh, self.on_epoch_end = mesh, on_epoch_end
+    self.mesh = mesh
     # Frozen leaves saved with the stage's checkpoints (see `resume_init`).
     self.carry_rules = [(rx, optim.Rule()) for rx in carry] + [(".*", optim.FREEZE)]
     self.carry = bool(carry)
@@ -290,7 +289,6 @@ class _Stage:
     self.saved_at = -1
     self.meta: dict = {}
     self.last_means: dict = {}
-    self.last_eval: dict = {}
     self.timing: dict = {}
 
   # ------------------------------------------------------------ restore
@@ -299,8 +297,7 @@ class _Stage:
     """Build the stage and its state: this stage's checkpoints > `cfg.resume` > `init`."""
     get, stage = self.get, self.stage
     if self.mesh is None:
-      self.mesh = shd.make_mesh([tuple(a) for a in get("mesh")] if get("mesh")
-                                else shd.mesh_axes(int(get("fsdp") or 0)))
+      self.mesh = shd.mesh_from_config({"mesh": get("mesh"), "fsdp": get("fsdp")})
     logging.info("stage %s: mesh %s over %d devices, %d processes", stage, dict(self.mesh.shape),
                  self.mesh.size, jax.process_count())
     init_rng, step_rng = jax.random.split(jax.random.key(int(get("seed"))))
@@ -448,11 +445,6 @@ class _Stage:
                             f"in {self.ck.directory}; rerun the same command to resume")
           if self.step >= n_steps or self.batch_idx == 0:
             break
-        if self.batch_idx == 0 and self.on_epoch_end is not None:
-          extra = self.on_epoch_end(self.epoch - 1, self.state, self.frozen)
-          if extra:
-            self.last_eval = {k: float(v) for k, v in extra.items()}
-            self.writer.scalars(self.step, {f"eval/{k}": v for k, v in extra.items()})
     self.flush()
     self.timing = dict(steps=self.step - first_step,
                        seconds=time.perf_counter() - self.t_start,
@@ -529,7 +521,6 @@ class _Stage:
       parts.append(f"{ips:.1f} images/s (steady state, compilation excluded)")
     if "loss" in self.last_means:
       parts.append(f"loss {self.last_means['loss']:.4g}")
-    parts += [f"{k} {v:.4g}" for k, v in self.last_eval.items()]
     metrics_lib.say(", ".join(parts))
 
   def close(self, failing: bool) -> None:
@@ -555,15 +546,13 @@ class _Stage:
 def run_stage(cfg: Mapping, *, workdir: str, stage: str, init: InitFn, loss_fn: LossFn,
               rules: Sequence, loader, make_tx: Optional[Callable] = None,
               frozen_source: str = "", mesh: Optional[jax.sharding.Mesh] = None,
-              on_epoch_end: Optional[Callable[[int, dict, PyTree], Mapping]] = None,
               resume_init: Optional[InitFn] = None, carry: Sequence[str] = ()
               ) -> StageResult:
   """Train one stage to completion (or resume it), returning its final state.
 
   `make_tx(trainable, rules, total_steps) -> (tx, learning_rate)` overrides the
   optimizer built from `cfg.optimizer`. `frozen_source` (a path or name) is
-  recorded in checkpoint metadata. `on_epoch_end(epoch, state, frozen)` may
-  return metrics to log (evaluation). `resume_init` and `carry` (regexes over
+  recorded in checkpoint metadata. `resume_init` and `carry` (regexes over
   frozen parameter names) let a stage resume from its own checkpoints without
   reading the previous stage (see the module docstring).
 
@@ -574,7 +563,7 @@ def run_stage(cfg: Mapping, *, workdir: str, stage: str, init: InitFn, loss_fn: 
   """
   run = _Stage(cfg, workdir=workdir, stage=stage, loss_fn=loss_fn, rules=rules, loader=loader,
                make_tx=make_tx, frozen_source=frozen_source, mesh=mesh,
-               on_epoch_end=on_epoch_end, carry=carry)
+               carry=carry)
   with _SigtermFlag() as sigterm:
     ok = False
     try:
