@@ -298,8 +298,10 @@ Setup = Context
 
 
 def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: ForwardFn,
-                init, seed_offset: int = 0, frozen_source: str = ""):
-  """One training stage on `run_stage` with this family's loader, loss and schedule."""
+                init, seed_offset: int = 0, frozen_source: str = "", resume_init=None,
+                carry: Sequence[str] = ()):
+  """One training stage on `run_stage` with this family's loader, loss and schedule
+  (`resume_init` / `carry`: resume without reading earlier stages, see `trainer.run_stage`)."""
   cfg = setup.config[stage]
   loader = make_train_loader(setup.config, setup.train, int(cfg.total_epochs),
                              int(setup.config.seed) + seed_offset)
@@ -307,6 +309,6 @@ def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: For
       cfg, workdir=workdir, stage=stage, init=init,
       loss_fn=make_loss_fn(setup.config, forward, setup.counts), rules=rules, loader=loader,
       make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
-      frozen_source=frozen_source or setup.vit_source)
+      frozen_source=frozen_source or setup.vit_source, resume_init=resume_init, carry=carry)
 
 
