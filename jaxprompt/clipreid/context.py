@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxprompt import metrics as metrics_lib
 from jaxprompt import precision
 from jaxprompt import sharding as shd
 from jaxprompt.clipreid import data as reid_data
@@ -86,6 +87,10 @@ class SIESpec:
     return self.coefficient * table[jnp.clip(idx, 0, table.shape[0] - 1)]
 
 
+# (dataset, root) pairs whose statistics table this process has shown on the console.
+_SUMMARIES_SHOWN: set = set()
+
+
 class Context:
   """Lazily loaded pieces shared by the stages of one run (dataset, CLIP, mesh, jits)."""
 
@@ -119,9 +124,14 @@ class Context:
         kw = dict(test_size=int(d.vehicleid_test_size), seed=int(self.config.seed))
       self._dataset = reid_data.build_reid_dataset(name, d.root, **kw)
       summary = self._dataset.summary()
-      logging.info("\n%s", summary)
-      if jax.process_index() == 0:
-        print(summary, flush=True)
+      # `say` logs it and prints it unless the log already reaches the console; a second
+      # run on the same data in this process (the default job's eval before training)
+      # only logs it.
+      if (name, d.root) in _SUMMARIES_SHOWN:
+        logging.info("\n%s", summary)
+      else:
+        _SUMMARIES_SHOWN.add((name, d.root))
+        metrics_lib.say(summary)
     return self._dataset
 
   @property
@@ -201,7 +211,7 @@ class BatchedApply:
     return shd.put(variables, jax.tree.map(lambda _: self._repl, variables))
 
   def __call__(self, variables: Any, records: Sequence[Any],
-               decode: Callable[[Any, np.random.Generator], dict]) -> np.ndarray:
+               decode: Callable[[Any, np.random.Generator], dict], desc: str = "") -> np.ndarray:
     n = len(records)
     if n == 0:
       raise ValueError("no records to run the model on")
@@ -209,6 +219,7 @@ class BatchedApply:
                     seed=0, workers=self.workers)
     outs = []
     with jax.set_mesh(self.mesh):
-      for local in loader.iterate(0):
+      for local in metrics_lib.progress(loader.iterate(0), total=loader.steps_per_epoch(0),
+                                        desc=desc or f"embedding {n} images"):
         outs.append(_to_host(self._fn(variables, shd.global_batch(local, self.mesh))))
     return np.concatenate(outs)[:n]

@@ -195,7 +195,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
     trials = reid_data.vehicleid_trials(config.data.root, int(config.data.vehicleid_test_size),
                                         int(config.seed), int(config.data.vehicleid_trials))
     records = trials[0][0] + trials[0][1]
-    feats = fn(v, records, decode)
+    feats = fn(v, records, decode, desc=f"eval: embedding {len(records)} test images")
     row = {r.path: i for i, r in enumerate(records)}
     per_trial = []
     for t, (q, g) in enumerate(trials):
@@ -210,7 +210,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
     result["cmc"] = per_trial[0]["cmc"]
   else:
     records = ds.query + ds.gallery
-    feats = fn(v, records, decode)
+    feats = fn(v, records, decode, desc=f"eval: embedding {len(records)} query + gallery images")
     nq = len(ds.query)
     res = evaluate_split(feats[:nq], feats[nq:], ds.query, ds.gallery,
                                 plot_dir=out_dir if e.plots else None, label=label, **opts)
@@ -251,7 +251,8 @@ def run_extract(ctx: Context) -> dict:
     raise ValueError(f"extract.source must be 'trained' or 'pretrained', got {x.source!r}")
   records = [reid_data.ReIDRecord(p, -1, int(x.camid), int(x.viewid), -1) for p in paths]
   fn = ctx.embed_fn("test", sie, int(x.batch_size))
-  feats = fn(fn.place(v), records, ctx.decode(False))
+  feats = fn(fn.place(v), records, ctx.decode(False),
+             desc=f"extract: embedding {len(records)} images")
   if jax.process_index() == 0:
     out = os.path.expanduser(x.out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -211,7 +211,7 @@ def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dic
       cp = M.build_class_prompts(names, spec)
       variables = {**clip_vars, "params": {**clip_vars["params"], "prompt": prompt}}
       score = evaluate.prompt_scorer(clip_model, variables, cp, chunk=int(config.eval.chunk))
-    out[row] = evaluate.top1(score, items, **kw)
+    out[row] = evaluate.top1(score, items, desc=f"seed {seed}: eval {row}", **kw)
     logging.info("seed %d: %s = %.2f", seed, row, out[row])
   return out
 

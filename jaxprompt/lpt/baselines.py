@@ -23,7 +23,7 @@ from jaxprompt import optim
 from jaxprompt.lpt import config as config_lib
 from jaxprompt.lpt import context
 from jaxprompt.lpt import evaluate
-from jaxprompt.lpt.config import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.lpt.config import base_config, paper_config, validate_config  # noqa: F401 (re-export)
 
 STAGES = ("train", "eval")
 METHODS = ("vpt_deep", "vpt_shallow", "linear")
