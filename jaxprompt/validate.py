@@ -18,6 +18,32 @@ class ConfigError(ValueError):
   """A config field holds a value the pipeline cannot use."""
 
 
+class Scoped:
+  """A sub-config seen as `prefix.<field>`: the checks run on it name the full field
+  (e.g. the default job's `clipreid.data.size`). Reads pass through to the sub-config."""
+
+  def __init__(self, config: Mapping, prefix: str):
+    self._config, self._prefix = config, prefix
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._config, name)
+
+  def __getitem__(self, key: str) -> Any:
+    return self._config[key]
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._config
+
+  def get(self, key: str, default: Any = None) -> Any:
+    return self._config.get(key, default)
+
+
+def name(config: Mapping, field: str) -> str:
+  """The field's full name (with the prefix of a `Scoped` config)."""
+  prefix = config._prefix if isinstance(config, Scoped) else ""  # pylint: disable=protected-access
+  return f"{prefix}.{field}" if prefix else field
+
+
 def value(config: Mapping, field: str) -> Any:
   """`config.a.b` for `field='a.b'`; a missing field is a ConfigError naming it."""
   node = config
@@ -25,7 +51,7 @@ def value(config: Mapping, field: str) -> Any:
     try:
       node = node[part]
     except (KeyError, TypeError, AttributeError):
-      raise ConfigError(f"the config has no field {field!r}") from None
+      raise ConfigError(f"the config has no field {name(config, field)!r}") from None
   return node
 
 
@@ -41,7 +67,7 @@ def _is_int(v: Any) -> bool:
 
 
 def integer(config: Mapping, field: str, *, minimum: Optional[int] = None) -> int:
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if not _is_int(v):
     raise ConfigError(f"{field} must be an integer, got {_shown(v)}")
   if minimum is not None and v < minimum:
@@ -57,7 +83,7 @@ def positive(config: Mapping, field: str) -> int:
 
 def number(config: Mapping, field: str, *, minimum: Optional[float] = None,
            strictly: bool = False) -> float:
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if not isinstance(v, numbers.Real) or isinstance(v, bool):
     raise ConfigError(f"{field} must be a number, got {_shown(v)}")
   if minimum is not None and (v <= minimum if strictly else v < minimum):
@@ -66,7 +92,7 @@ def number(config: Mapping, field: str, *, minimum: Optional[float] = None,
 
 
 def boolean(config: Mapping, field: str) -> bool:
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if not isinstance(v, bool):
     raise ConfigError(f"{field} must be True or False, got {_shown(v)}")
   return v
@@ -74,7 +100,7 @@ def boolean(config: Mapping, field: str) -> bool:
 
 def one_of(config: Mapping, field: str, choices: Iterable[Any], *, key=None) -> Any:
   """The field's value, which must be one of `choices` (after `key`, e.g. an alias map)."""
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   choices = tuple(choices)
   k = v
   if key is not None:
@@ -89,7 +115,7 @@ def one_of(config: Mapping, field: str, choices: Iterable[Any], *, key=None) -> 
 
 def size_hw(config: Mapping, field: str) -> tuple[int, int]:
   """An image size (H, W) of two positive integers."""
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_int(x) and x > 0 for x in v)):
     raise ConfigError(f"{field} must be (H, W), two positive integers "
                       f"(e.g. --config.{field}='(256, 128)'), got {_shown(v)}")
@@ -99,7 +125,7 @@ def size_hw(config: Mapping, field: str) -> tuple[int, int]:
 def sequence(config: Mapping, field: str, *, length: Optional[int] = None,
              item=None) -> Sequence:
   """A tuple/list (of `length` items, each passing `item(x)` if given)."""
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if not isinstance(v, (tuple, list)) or (length is not None and len(v) != length) or (
       item is not None and not all(item(x) for x in v)):
     n = f"{length} " if length is not None else ""
@@ -110,7 +136,7 @@ def sequence(config: Mapping, field: str, *, length: Optional[int] = None,
 def existing_path(config: Mapping, field: str, *, kind: str = "any",
                   required: bool = False) -> str:
   """A path that exists when set ('file', 'dir' or 'any'); empty is allowed unless required."""
-  v = value(config, field)
+  v, field = value(config, field), name(config, field)
   if v is None or v == "":
     if required:
       raise ConfigError(f"set {field} (a {'folder' if kind == 'dir' else 'file'})")
@@ -133,7 +159,7 @@ def stage_fields(config: Mapping, stage: str, *, batch_size: bool = False) -> No
   epochs = integer(config, f"{stage}.total_epochs", minimum=0)
   steps = integer(config, f"{stage}.total_steps", minimum=0)
   if not epochs and not steps:
-    raise ConfigError(f"{stage}.total_epochs or {stage}.total_steps must be positive, "
+    raise ConfigError(f"{name(config, stage)}.total_epochs or .total_steps must be positive, "
                       "got 0 and 0")
   if batch_size:
     positive(config, f"{stage}.batch_size")

@@ -37,6 +37,7 @@ from jaxprompt.coop import evaluate
 from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
+from jaxprompt.coop.config import validate_config  # noqa: F401 (launch.py calls it)
 from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
                                    shd, trainer)
 
