@@ -49,7 +49,7 @@ def load_backbone(config) -> tuple[CLIP, dict]:
     kw = (dict(patch_stride=int(config.model.stride)) if _is_vit(config)
           else dict(last_stride=int(config.model.last_stride)))
     model, variables = load_clip(config.model.clip_weights, image_size=tuple(config.data.size),
-                                 dtype=dtype, **kw)
+                                 dtype=dtype, field="model.clip_weights", **kw)
     if (model.config.vision == "vit") != _is_vit(config):
       raise ValueError(f"{config.model.clip_weights} holds a {model.config.vision} image tower "
                        f"but backbone={config.backbone!r}")

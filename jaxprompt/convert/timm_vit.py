@@ -263,7 +263,8 @@ def head_info(arrays: Mapping[str, np.ndarray]) -> str:
 def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
              image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
              exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
-             grid: Optional[Sequence[int]] = None) -> tuple[ViTModel, dict]:
+             grid: Optional[Sequence[int]] = None, field: Optional[str] = None
+             ) -> tuple[ViTModel, dict]:
   """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
 
   Args:
@@ -276,6 +277,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
       store it in their shapes).
     grid: the checkpoint's own patch grid when its position embedding is not
       square.
+    field: the config field the path came from, named in the error messages.
 
   Returns:
     `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
@@ -285,7 +287,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     arrays = {k: np.asarray(v) for k, v in source.items()}
     name = "weights"
   else:
-    arrays = read_arrays(source)
+    arrays = read_arrays(source, field=field)
     name = os.fspath(source)
   layout = detect_layout(arrays)
   config = infer_config(arrays, heads=heads, grid=grid)

@@ -89,7 +89,7 @@ def spec_of(config) -> M.PromptSpec:
 def load_model(config):
   if not config.clip.weights:
     raise ValueError("config.clip.weights: path of an OpenAI/open_clip CLIP checkpoint is required")
-  model, variables = load_clip(config.clip.weights)
+  model, variables = load_clip(config.clip.weights, field="clip.weights")
   native = model.config.input_size
   if tuple(native) != (config.clip.image_size,) * 2:
     raise ValueError(f"config.clip.image_size={config.clip.image_size} must equal the CLIP input "
@@ -185,7 +185,8 @@ def released_prompt(config, seed: int, clip_model, classnames) -> dict:
   if m and (m.group(2) == "True") != spec.csc:
     raise ValueError(f"{path}: trained with csc={m.group(2)}, config.prompt.csc={spec.csc}")
   return released_lib.load(path, spec, width=clip_model.config.text_width,
-                           num_classes=len(classnames), image_dim=clip_model.config.embed_dim)
+                           num_classes=len(classnames), image_dim=clip_model.config.embed_dim,
+                           field="released.path")
 
 
 def final_prompt(config, seed_dir: str) -> dict:

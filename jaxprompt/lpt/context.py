@@ -71,7 +71,7 @@ def build_vit(config) -> tuple[ViT, dict]:
   if not m.vit_weights:
     raise ValueError("set model.vit_weights (a timm or AugReg ViT file) or model.tiny_random")
   model, variables = load_vit(m.vit_weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
-                              exact_gelu=bool(m.exact_gelu))
+                              exact_gelu=bool(m.exact_gelu), field="model.vit_weights")
   return model.img, jax.device_get(variables["params"]["img"])
 
 
