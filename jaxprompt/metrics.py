@@ -32,6 +32,11 @@ def set_console(logs_info: bool) -> None:
   _CONSOLE["logs_info"] = bool(logs_info)
 
 
+def logs_reach_console() -> bool:
+  """Whether INFO logs are shown on the console (then a line printed too shows twice)."""
+  return _CONSOLE["logs_info"]
+
+
 def say(message: str) -> None:
   """One line for the user on the console (above any progress bar) and in the log."""
   if jax.process_index() != 0:

@@ -124,14 +124,14 @@ class Context:
         kw = dict(test_size=int(d.vehicleid_test_size), seed=int(self.config.seed))
       self._dataset = reid_data.build_reid_dataset(name, d.root, **kw)
       summary = self._dataset.summary()
-      # `say` logs it and prints it unless the log already reaches the console; a second
-      # run on the same data in this process (the default job's eval before training)
-      # only logs it.
-      if (name, d.root) in _SUMMARIES_SHOWN:
-        logging.info("\n%s", summary)
-      else:
-        _SUMMARIES_SHOWN.add((name, d.root))
-        metrics_lib.say(summary)
+      logging.info("\n%s", summary)
+      # Printed (to stdout, with the results) once: not when the log already reaches the
+      # console, nor for a second run on the same data in this process (the default
+      # job's evaluation before training).
+      if (jax.process_index() == 0 and (name, d.root) not in _SUMMARIES_SHOWN
+          and not metrics_lib.logs_reach_console()):
+        print(summary, flush=True)
+      _SUMMARIES_SHOWN.add((name, d.root))
     return self._dataset
 
   @property
