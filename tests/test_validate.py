@@ -34,6 +34,8 @@ CASES = [
     ("coop", "--config.clip.weights=/nonexistent/RN50.pt",
      "clip.weights: file not found: /nonexistent/RN50.pt"),
     ("default", "--config.clipreid.data.size=64", "clipreid.data.size must be (H, W)"),
+    ("lpt", "--stage=phase3", "--stage=phase3: unknown stage; the lpt pipeline has"),
+    ("clipreid", "--config.variant=sie", "variant must be one of"),
 ]
 
 
@@ -46,7 +48,7 @@ def _spec(family: str, root: str) -> str:
 
 
 @pytest.mark.parametrize("family,override,expected", CASES,
-                         ids=[f"{c[0]}:{c[1].split('=')[0][9:]}" for c in CASES])
+                         ids=[f"{c[0]}:{c[1].split('=')[0].lstrip('-')}" for c in CASES])
 def test_bad_value_is_one_line_naming_the_field(family, override, expected, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()

@@ -354,6 +354,11 @@ def stages_of(config) -> tuple[str, ...]:
   return ("stage2", "eval") if _baseline(config) else ("stage1", "stage2", "eval")
 
 
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  return stages_of(config) + ("extract",)
+
+
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   """All stages in order, or only `stage` ('stage1', 'stage2', 'eval', 'extract')."""
   _validate(config)

@@ -42,6 +42,14 @@ from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, 
                                    shd, trainer)
 
 STAGES = ("train", "eval", "table")
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
+
+
 RULES = [(r"prompt/.*", optim.Rule()), (r".*", optim.FREEZE)]
 
 

@@ -45,6 +45,12 @@ from jaxprompt import validate
 STAGES = ("data", "clipreid", "lpt", "report")
 
 
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
+
+
 # ============================================================================ paths
 
 

@@ -42,6 +42,13 @@ from jaxprompt.lpt.config import base_config, paper_config, validate_config  # n
 
 STAGES = ("phase1", "phase2", "eval")
 
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
+
+
 # The defaults of `phase1.rules` / `phase2.rules` (the config's fields are what runs).
 PHASE1_RULES = optim.rules_from_config(config_lib.PHASE1_RULES)
 PHASE2_RULES = optim.rules_from_config(config_lib.PHASE2_RULES)
