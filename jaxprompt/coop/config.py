@@ -8,6 +8,8 @@ their own class names: cross-dataset and domain generalisation).
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from jaxprompt.coop import data as data_lib
@@ -106,10 +108,13 @@ def validate_config(config) -> None:
   v.one_of(config, "method", ("coop", "cocoop", "zeroshot", "linear_probe"))
   v.one_of(config, "protocol", ("fewshot", "base2new", "transfer"))
   v.one_of(config, "data.name", tuple(data_lib.DATASETS))
-  for name in v.sequence(config, "eval.targets"):
+  for target in v.sequence(config, "eval.targets"):
+    name, _, root = str(target).partition("@")  # 'name' under data.root, or 'name@root'
     if name not in data_lib.DATASETS:
-      raise validate.ConfigError(f"eval.targets: unknown dataset {name!r}; expected one of "
-                                 f"{tuple(data_lib.DATASETS)}")
+      raise validate.ConfigError(f"eval.targets: unknown dataset {name!r} in {target!r}; "
+                                 f"expected one of {tuple(data_lib.DATASETS)}")
+    if root and not os.path.isdir(os.path.expanduser(root)):
+      raise FileNotFoundError(f"eval.targets: folder not found: {root} (in {target!r})")
   v.existing_path(config, "data.root", kind="dir")
   v.existing_path(config, "data.classnames_file", kind="file")
   v.integer(config, "data.shots", minimum=0)
