@@ -203,6 +203,10 @@ def main(argv) -> None:
     validate = getattr(module, "validate_config", None)
     if callable(validate):
       validate(config)
+    stages = getattr(module, "run_stages", None)
+    if FLAGS.stage and callable(stages) and FLAGS.stage not in stages(config):
+      raise app.UsageError(f"--stage={FLAGS.stage}: unknown stage; the {config.pipeline} "
+                           f"pipeline has {tuple(stages(config))}")
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       log_path = log_to_file(workdir)

@@ -32,6 +32,11 @@ def set_console(logs_info: bool) -> None:
   _CONSOLE["logs_info"] = bool(logs_info)
 
 
+def logs_reach_console() -> bool:
+  """Whether INFO logs are shown on the console (then a line printed too shows twice)."""
+  return _CONSOLE["logs_info"]
+
+
 def say(message: str) -> None:
   """One line for the user on the console (above any progress bar) and in the log."""
   if jax.process_index() != 0:
@@ -49,6 +54,9 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = 
 
   For loops over a dataset outside the training loop: feature caching,
   evaluation, extraction, conversion. `total` defaults to `len(iterable)`.
+  The bar never reaches the log (`log.txt` gets one line when the loop ends); on a
+  console that is not a terminal (output sent to a file) it redraws every 30 s, not
+  every second, so such a file keeps a few lines per loop.
   """
   enabled = (jax.process_index() == 0) if enabled is None else enabled
   if not enabled:
@@ -57,9 +65,14 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = 
   from tqdm import tqdm
   if total is None and hasattr(iterable, "__len__"):
     total = len(iterable)
-  with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
-            file=sys.stderr) as bar:
+  tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  t0 = time.perf_counter()
+  with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
+            mininterval=1.0 if tty else 30.0, file=sys.stderr) as bar:
     yield from bar
+    n = bar.n
+  logging.info("%s: %d of %s %s(s) in %.1fs", desc or "loop", n, total, unit,
+               time.perf_counter() - t0)
 
 
 def _scalar(v: Any) -> float:

@@ -299,8 +299,7 @@ class _Stage:
     """Build the stage and its state: this stage's checkpoints > `cfg.resume` > `init`."""
     get, stage = self.get, self.stage
     if self.mesh is None:
-      self.mesh = shd.make_mesh([tuple(a) for a in get("mesh")] if get("mesh")
-                                else shd.mesh_axes(int(get("fsdp") or 0)))
+      self.mesh = shd.mesh_from_config({"mesh": get("mesh"), "fsdp": get("fsdp")})
     logging.info("stage %s: mesh %s over %d devices, %d processes", stage, dict(self.mesh.shape),
                  self.mesh.size, jax.process_count())
     init_rng, step_rng = jax.random.split(jax.random.key(int(get("seed"))))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxprompt import trainer
+from jaxprompt import validate
 
 # Stage 1's default `rules` (see base_config): only the identity tokens train.
 STAGE1_DEFAULT_RULES = [("prompt/cls_ctx", "train"), (".*", "freeze")]
@@ -291,3 +292,41 @@ def tiny(config: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigD
   c.eval.batch_size = 8
   c.eval.plots = False
   return c
+
+
+def validate_config(config) -> None:
+  """Types and values of the fields the pipeline reads, each error naming its field
+  (`launch.py` calls this before any work starts)."""
+  v = validate
+  v.one_of(config, "variant", VARIANTS)
+  v.one_of(config, "backbone", BACKBONES)
+  v.one_of(config, "data.name", DATASETS, key=_dataset_key)
+  v.existing_path(config, "data.root", kind="dir")
+  v.size_hw(config, "data.size")
+  v.positive(config, "data.num_instances")
+  v.integer(config, "data.workers", minimum=0)
+  for field in ("data.veri_keypoint_train", "data.veri_keypoint_test", "model.clip_weights",
+                "model.released_checkpoint", "model.trained_params"):
+    v.existing_path(config, field, kind="file")
+  v.positive(config, "model.stride")
+  v.positive(config, "model.last_stride")
+  v.number(config, "model.sie_coe")
+  v.one_of(config, "model.tiny_random.vision", ("vit", "resnet"))
+  v.precision(config, "precision")
+  v.integer(config, "seed")
+  for stage in (("stage2",) if _baseline(config) else ("stage1", "stage2")):
+    v.stage_fields(config, stage, batch_size=True)
+  if int(config.stage2.batch_size) % int(config.data.num_instances):
+    raise validate.ConfigError(
+        f"stage2.batch_size ({config.stage2.batch_size}) must be a multiple of "
+        f"data.num_instances ({config.data.num_instances})")
+  for field in ("loss.id_weight", "loss.triplet_weight", "loss.i2t_weight", "loss.margin"):
+    v.number(config, field, minimum=0.0)
+  if not 0.0 <= v.number(config, "loss.label_smoothing") < 1.0:
+    raise validate.ConfigError(f"loss.label_smoothing must be in [0, 1), got "
+                               f"{config.loss.label_smoothing}")
+  v.positive(config, "eval.batch_size")
+  v.positive(config, "eval.max_rank")
+  v.positive(config, "extract.batch_size")
+  v.one_of(config, "extract.source", ("trained", "pretrained"))
+  _validate(config)

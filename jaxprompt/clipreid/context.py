@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxprompt import metrics as metrics_lib
 from jaxprompt import precision
 from jaxprompt import sharding as shd
 from jaxprompt.clipreid import data as reid_data
@@ -48,7 +49,7 @@ def load_backbone(config) -> tuple[CLIP, dict]:
     kw = (dict(patch_stride=int(config.model.stride)) if _is_vit(config)
           else dict(last_stride=int(config.model.last_stride)))
     model, variables = load_clip(config.model.clip_weights, image_size=tuple(config.data.size),
-                                 dtype=dtype, **kw)
+                                 dtype=dtype, field="model.clip_weights", **kw)
     if (model.config.vision == "vit") != _is_vit(config):
       raise ValueError(f"{config.model.clip_weights} holds a {model.config.vision} image tower "
                        f"but backbone={config.backbone!r}")
@@ -115,6 +116,10 @@ class SIESpec:
     return self.coefficient * table[idx]
 
 
+# (dataset, root) pairs whose statistics table this process has shown on the console.
+_SUMMARIES_SHOWN: set = set()
+
+
 class Context:
   """Lazily loaded pieces shared by the stages of one run (dataset, CLIP, mesh, jits)."""
 
@@ -149,8 +154,13 @@ class Context:
       self._dataset = reid_data.build_reid_dataset(name, d.root, **kw)
       summary = self._dataset.summary()
       logging.info("\n%s", summary)
-      if jax.process_index() == 0:
+      # Printed (to stdout, with the results) once: not when the log already reaches the
+      # console, nor for a second run on the same data in this process (the default
+      # job's evaluation before training).
+      if (jax.process_index() == 0 and (name, d.root) not in _SUMMARIES_SHOWN
+          and not metrics_lib.logs_reach_console()):
         print(summary, flush=True)
+      _SUMMARIES_SHOWN.add((name, d.root))
     return self._dataset
 
   @property
@@ -232,7 +242,7 @@ class BatchedApply:
     return shd.put(variables, jax.tree.map(lambda _: self._repl, variables))
 
   def __call__(self, variables: Any, records: Sequence[Any],
-               decode: Callable[[Any, np.random.Generator], dict]) -> np.ndarray:
+               decode: Callable[[Any, np.random.Generator], dict], desc: str = "") -> np.ndarray:
     n = len(records)
     if n == 0:
       raise ValueError("no records to run the model on")
@@ -240,6 +250,7 @@ class BatchedApply:
                     seed=0, workers=self.workers)
     outs = []
     with jax.set_mesh(self.mesh):
-      for local in loader.iterate(0):
+      for local in metrics_lib.progress(loader.iterate(0), total=loader.steps_per_epoch(0),
+                                        desc=desc or f"embedding {n} images"):
         outs.append(_to_host(self._fn(variables, shd.global_batch(local, self.mesh))))
     return np.concatenate(outs)[:n]

@@ -199,7 +199,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
     records = trials[0][0] + trials[0][1]
     if sie_rows is not None:
       fn_sie.check_indices(records, sie_rows, "the query and gallery")
-    feats = fn(v, records, decode)
+    feats = fn(v, records, decode, desc=f"eval: embedding {len(records)} test images")
     row = {r.path: i for i, r in enumerate(records)}
     per_trial = []
     for t, (q, g) in enumerate(trials):
@@ -216,7 +216,7 @@ def run_eval(ctx: Context, force: bool = True) -> dict:
     records = ds.query + ds.gallery
     if sie_rows is not None:
       fn_sie.check_indices(records, sie_rows, "the query and gallery")
-    feats = fn(v, records, decode)
+    feats = fn(v, records, decode, desc=f"eval: embedding {len(records)} query + gallery images")
     nq = len(ds.query)
     res = evaluate_split(feats[:nq], feats[nq:], ds.query, ds.gallery,
                                 plot_dir=out_dir if e.plots else None, label=label, **opts)
@@ -259,7 +259,8 @@ def run_extract(ctx: Context) -> dict:
   if v.get("sie") is not None:
     sie.check_indices(records, int(v["sie"].shape[0]), "extract.camid / extract.viewid")
   fn = ctx.embed_fn("test", sie, int(x.batch_size))
-  feats = fn(fn.place(v), records, ctx.decode(False))
+  feats = fn(fn.place(v), records, ctx.decode(False),
+             desc=f"extract: embedding {len(records)} images")
   if jax.process_index() == 0:
     out = os.path.expanduser(x.out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

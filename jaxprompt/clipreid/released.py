@@ -431,7 +431,7 @@ def load_released(config) -> tuple[CLIP, dict, dict]:
   """
   path = config.model.released_checkpoint
   size = tuple(int(s) for s in config.data.size)
-  sd, _ = io.read_state_dict(path)
+  sd, _ = io.read_state_dict(path, field="model.released_checkpoint")
   vit = _is_vit(config)
   if "image_encoder.proj" in sd or "image_encoder.attnpool.positional_embedding" in sd:
     file_vit = "image_encoder.proj" in sd
@@ -474,9 +474,11 @@ def load_released(config) -> tuple[CLIP, dict, dict]:
   return model, variables, info
 
 
-def read_trained_params_file(path: str) -> tuple[dict, dict]:
-  """(params, model_state) from a full params file ('params/...' and 'batch_stats/...')."""
-  flat = read_arrays(path)
+def read_trained_params_file(path: str, field: Optional[str] = "model.trained_params"
+                             ) -> tuple[dict, dict]:
+  """(params, model_state) from a full params file ('params/...' and 'batch_stats/...');
+  `field` is the config field named in read errors."""
+  flat = read_arrays(path, field=field)
   if any(k.startswith(("params/", "batch_stats/")) for k in flat):
     tree = unflatten(flat)
     return tree.get("params", {}), ({"batch_stats": tree["batch_stats"]}

@@ -49,7 +49,7 @@ from jaxprompt.clipreid import data as reid_data
 from jaxprompt.clipreid import losses as reid_losses
 from jaxprompt.clipreid import model as clipreid
 from jaxprompt.clipreid.config import (STAGE1_DEFAULT_RULES, _baseline, _validate,  # noqa: F401
-                                       base_config, paper_config)
+                                       base_config, paper_config, validate_config)
 from jaxprompt.clipreid.context import Context, SIESpec, load_backbone, tiny_clip_config  # noqa: F401
 from jaxprompt.clipreid.evaluate import run_eval, run_extract
 from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
@@ -102,7 +102,8 @@ def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
   v = {"img": variables["params"]["img"], "batch_stats": variables.get("batch_stats", {}).get("img")}
   fn = ctx.embed_fn("proj", SIESpec(False, False, 0.0, 1), int(ctx.config.eval.batch_size))
   logging.info("stage1: computing image features of %d train images", len(ds.train))
-  feats = fn(fn.place(v), ds.train, ctx.decode(False)).astype(np.float32)
+  feats = fn(fn.place(v), ds.train, ctx.decode(False),
+             desc=f"stage1: image features of {len(ds.train)} train images").astype(np.float32)
   _save_cache(path, features=feats, pids=pids, paths=paths)
   return feats, pids
 
@@ -237,7 +238,9 @@ def text_features_all(model: CLIP, txt_params, prompt: clipreid.TextPrompt, cls_
   tokens = np.concatenate([cls_ctx, np.zeros((pad, *cls_ctx.shape[1:]), cls_ctx.dtype)])
   fn = jax.jit(lambda p, t: clipreid.text_features(model, {"params": {"txt": p}}, prompt, t))
   txt = jax.device_put(txt_params)
-  out = [np.asarray(fn(txt, tokens[i:i + chunk])) for i in range(0, len(tokens), chunk)]
+  out = [np.asarray(fn(txt, tokens[i:i + chunk]))
+         for i in metrics_lib.progress(range(0, len(tokens), chunk),
+                                       desc=f"stage2: text features of {n} identities")]
   return np.concatenate(out)[:n].astype(np.float32)
 
 
@@ -277,7 +280,7 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
                       {"num_ids": num_ids, "sie_num_views": sie.num_views,
                        "sie_num_cams": ds.num_train_cams, "identity_map": ds.id_map.to_dict()})
 
-  def init(rng):
+  def init(rng, read_stage1: bool = True):
     r_head, r_sie = jax.random.split(rng)
     hv = jax.device_get(jax.jit(head.init, static_argnames="train")(
         r_head, jnp.zeros((2, dims["final"])), jnp.zeros((2, dims["proj"])), train=False))
@@ -286,13 +289,19 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
     if "batch_stats" in variables:
       stats["img"] = variables["batch_stats"]["img"]
     prompt = {}
-    if not baseline:
+    if not baseline and read_stage1:
       # Stage 1's identity tokens, checked against the data, and their frozen text features.
       trained, _ = ckpt_lib.read_params(ctx.workdir, "stage1")
       cls_ctx = np.asarray(trained["prompt"]["cls_ctx"])
       _check_identities(ctx, cls_ctx.shape[0])
       prompt["cls_ctx"] = cls_ctx
       prompt["text_feats"] = stage2_text_cache(ctx, cls_ctx)
+    elif not baseline:
+      # Placeholders of the right shapes: the restore fills them from stage 2's checkpoint.
+      width = variables["params"]["txt"]["token_embedding"].shape[1]
+      prompt["cls_ctx"] = np.zeros((num_ids, clipreid.NUM_ID_TOKENS, width), np.float32)
+      prompt["text_feats"] = np.zeros((num_ids, dims["proj"]), np.float32)
+    if not baseline:
       params["txt"] = variables["params"]["txt"]
     if sie.on:
       rows = clipreid.sie_rows(ds.num_train_cams, sie.num_views, sie.camera, sie.view)
@@ -312,10 +321,14 @@ def run_stage2(ctx: Context) -> trainer.StageResult:
                                   int(config.data.num_instances), seed=int(cfg.seed)),
                   int(cfg.batch_size), seed=int(cfg.seed), workers=int(config.data.workers))
   source = ctx.clip_source() + ("" if baseline else " + stage1")
+  # Stage 1's tokens and their text features are frozen here and saved with stage 2's
+  # checkpoints, so a resumed stage 2 reads neither stage 1 nor the text cache.
+  lazy = {} if baseline else dict(resume_init=lambda rng: init(rng, read_stage1=False),
+                                  carry=["prompt/cls_ctx", "prompt/text_feats"])
   return trainer.run_stage(
       seeds.for_stage(cfg, "stage2"), workdir=ctx.workdir, stage="stage2", init=init,
       loss_fn=make_stage2_loss_fn(model, head, config, sie), rules=stage2_rules(config),
-      loader=loader, make_tx=_make_tx(cfg, loader), frozen_source=source)
+      loader=loader, make_tx=_make_tx(cfg, loader), frozen_source=source, **lazy)
 
 
 def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
@@ -353,6 +366,11 @@ def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
 
 def stages_of(config) -> tuple[str, ...]:
   return ("stage2", "eval") if _baseline(config) else ("stage1", "stage2", "eval")
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  return stages_of(config) + ("extract",)
 
 
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:

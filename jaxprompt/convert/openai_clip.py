@@ -167,18 +167,20 @@ def load_clip(source: Union[str, os.PathLike, Mapping[str, Any]], *,
               image_size: Optional[Sequence[int]] = None,
               patch_stride: Optional[int] = None,
               last_stride: Optional[int] = None,
-              dtype: Dtype = jnp.float32, remat: bool = False) -> tuple[CLIP, dict]:
+              dtype: Dtype = jnp.float32, remat: bool = False,
+              field: Optional[str] = None) -> tuple[CLIP, dict]:
   """Builds CLIP from an OpenAI/open_clip checkpoint (path or dict of arrays).
 
   Returns `(model, variables)`; position embeddings are resized (bilinear, no
   antialias, class/mean row kept) when `image_size`/`patch_stride`/`last_stride`
   change the token grid. Parameters are float32; `dtype` is the compute dtype;
   `remat` rematerialises the ViT image tower's blocks (less memory, more compute).
+  `field` names the config field the path came from, for the error messages.
   """
   if isinstance(source, Mapping):
     state_dict, label = source, "state dict"
   else:
-    state_dict, label = read_arrays(source), repr(str(source))
+    state_dict, label = read_arrays(source, field=field), repr(str(source))
   state_dict = clean_state_dict(state_dict)
   config = infer_config(state_dict).with_input(image_size, patch_stride, last_stride)
   variables = to_variables(state_dict, config, source=label)

@@ -276,7 +276,8 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
              image_size: Union[None, int, Sequence[int]] = None, ln_eps: float = 1e-6,
              exact_gelu: bool = True, dtype: Dtype = jnp.float32, heads: Optional[int] = None,
              grid: Optional[Sequence[int]] = None, remat: bool = False,
-             expected: Optional[str] = None) -> tuple[ViTModel, dict]:
+             expected: Optional[str] = None, field: Optional[str] = None
+             ) -> tuple[ViTModel, dict]:
   """Builds the tower from a timm state dict or an AugReg/big_vision `.npz`.
 
   Args:
@@ -293,6 +294,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     expected: what the caller's recipe expects (a sentence naming the weights);
       when given, a file with a pre-logits layer (the ViT-paper weights, not
       AugReg) raises a UserWarning naming the file and this expectation.
+    field: the config field the path came from, named in the error messages.
 
   Returns:
     `(model, {'params': {'img': ...}})`. The classifier head (and an AugReg
@@ -302,7 +304,7 @@ def load_vit(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     arrays = {k: np.asarray(v) for k, v in source.items()}
     name = "weights"
   else:
-    arrays = read_arrays(source)
+    arrays = read_arrays(source, field=field)
     name = os.fspath(source)
   layout = detect_layout(arrays)
   config = infer_config(arrays, heads=heads, grid=grid)

@@ -8,9 +8,13 @@ their own class names: cross-dataset and domain generalisation).
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from jaxprompt.coop.shared import trainer
+from jaxprompt.coop import data as data_lib
+from jaxprompt.coop import model as model_lib
+from jaxprompt.coop.shared import trainer, validate
 
 # Only the prompt learner trains (`prompt/ctx`, CoCoOp's `prompt/meta_net/...`); CLIP is frozen.
 TRAIN_RULES = (("prompt/.*", "train"), (".*", "freeze"))
@@ -99,3 +103,36 @@ def base2new(method: str, dataset: str) -> ml_collections.ConfigDict:
 
 
 __all__ = ["base_config", "coop_rn50_fewshot", "base2new"]
+
+
+def validate_config(config) -> None:
+  """Types and values of the fields the CoOp / CoCoOp pipeline reads, each error naming its
+  field (`launch.py` calls this before any work starts)."""
+  v = validate
+  v.one_of(config, "method", ("coop", "cocoop", "zeroshot", "linear_probe"))
+  v.one_of(config, "protocol", ("fewshot", "base2new", "transfer"))
+  v.one_of(config, "data.name", tuple(data_lib.DATASETS))
+  for target in v.sequence(config, "eval.targets"):
+    name, _, root = str(target).partition("@")  # 'name' under data.root, or 'name@root'
+    if name not in data_lib.DATASETS:
+      raise validate.ConfigError(f"eval.targets: unknown dataset {name!r} in {target!r}; "
+                                 f"expected one of {tuple(data_lib.DATASETS)}")
+    if root and not os.path.isdir(os.path.expanduser(root)):
+      raise FileNotFoundError(f"eval.targets: folder not found: {root} (in {target!r})")
+  v.existing_path(config, "data.root", kind="dir")
+  v.existing_path(config, "data.classnames_file", kind="file")
+  v.integer(config, "data.shots", minimum=0)
+  v.positive(config, "data.batch_size")
+  v.positive(config, "data.test_batch_size")
+  v.integer(config, "data.workers", minimum=0)
+  v.positive(config, "clip.image_size")
+  v.precision(config, "clip.precision")
+  v.integer(config, "prompt.n_ctx", minimum=0)
+  v.one_of(config, "prompt.class_token_position", model_lib.POSITIONS)
+  seeds = v.sequence(config, "seeds", item=lambda s: isinstance(s, int) and not isinstance(s, bool))
+  if not seeds:
+    raise validate.ConfigError("seeds must hold at least one integer seed, got ()")
+  if config.method in ("coop", "cocoop") and not config.released.path:
+    v.stage_fields(config, "train")
+  v.integer(config, "eval.chunk", minimum=0)
+  v.existing_path(config, "clip.weights", kind="file", required=True)

@@ -6,7 +6,7 @@ re-combined with the current class names.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -43,9 +43,11 @@ def convert(state_dict: Mapping[str, np.ndarray], source: str = "checkpoint") ->
   return out
 
 
-def load(path: str, spec: M.PromptSpec, *, width: int, num_classes: int, image_dim: int) -> dict:
-  """Reads, converts and checks a released prompt learner against the config."""
-  prompt = convert(read_arrays(path), source=path)
+def load(path: str, spec: M.PromptSpec, *, width: int, num_classes: int, image_dim: int,
+         field: Optional[str] = None) -> dict:
+  """Reads, converts and checks a released prompt learner against the config (`field`:
+  the config field the path came from, for the error messages)."""
+  prompt = convert(read_arrays(path, field=field), source=path)
   M.check_prompt(prompt, spec, width=width, num_classes=num_classes, source=path)
   if "meta_net" in prompt and prompt["meta_net"]["linear1"]["kernel"].shape[0] != image_dim:
     raise ValueError(f"{path}: Meta-Net input width "

@@ -12,6 +12,7 @@ from jaxprompt import sharding as shd  # noqa: F401
 from jaxprompt import tokenizer  # noqa: F401
 from jaxprompt import trainer  # noqa: F401
 from jaxprompt.convert.io import read_arrays  # noqa: F401
+from jaxprompt import validate  # noqa: F401
 from jaxprompt.data.files import list_images  # noqa: F401
 from jaxprompt.data.loader import Loader, PaddedSequentialSampler, SequentialSampler  # noqa: F401
 from jaxprompt.data.loader import ShuffleSampler  # noqa: F401

@@ -38,11 +38,18 @@ from jaxprompt.coop import evaluate
 from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
+from jaxprompt.coop.config import validate_config  # noqa: F401 (launch.py calls it)
 from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
                                    seeds, shd, trainer)
 
 STAGES = ("train", "eval", "table")
 RULES = optim.rules_from_config(config_lib.TRAIN_RULES)  # the default of `train.rules`
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -89,7 +96,7 @@ def spec_of(config) -> M.PromptSpec:
 def load_model(config):
   if not config.clip.weights:
     raise ValueError("config.clip.weights: path of an OpenAI/open_clip CLIP checkpoint is required")
-  model, variables = load_clip(config.clip.weights)
+  model, variables = load_clip(config.clip.weights, field="clip.weights")
   native = model.config.input_size
   if tuple(native) != (config.clip.image_size,) * 2:
     raise ValueError(f"config.clip.image_size={config.clip.image_size} must equal the CLIP input "
@@ -186,7 +193,8 @@ def released_prompt(config, seed: int, clip_model, classnames) -> dict:
   if m and (m.group(2) == "True") != spec.csc:
     raise ValueError(f"{path}: trained with csc={m.group(2)}, config.prompt.csc={spec.csc}")
   return released_lib.load(path, spec, width=clip_model.config.text_width,
-                           num_classes=len(classnames), image_dim=clip_model.config.embed_dim)
+                           num_classes=len(classnames), image_dim=clip_model.config.embed_dim,
+                           field="released.path")
 
 
 def final_prompt(config, seed_dir: str) -> dict:
@@ -213,7 +221,7 @@ def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dic
       cp = M.build_class_prompts(names, spec)
       variables = {**clip_vars, "params": {**clip_vars["params"], "prompt": prompt}}
       score = evaluate.prompt_scorer(clip_model, variables, cp, chunk=int(config.eval.chunk))
-    out[row] = evaluate.top1(score, items, **kw)
+    out[row] = evaluate.top1(score, items, desc=f"seed {seed}: eval {row}", **kw)
     logging.info("seed %d: %s = %.2f", seed, row, out[row])
   return out
 

@@ -13,7 +13,7 @@ import numpy as np
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import evaluate
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import tokenizer
+from jaxprompt.coop.shared import metrics_lib, tokenizer
 
 # The 7-template subset of OpenAI's ImageNet notebook used by ZeroshotCLIP2.
 IMAGENET_ENSEMBLE = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
@@ -50,12 +50,14 @@ def zeroshot_scorer(clip_model, variables, classnames, templates):
   return lambda x: fn(variables, x)
 
 
-def features(clip_model, variables, items, *, batch_size=100, image_size=224) -> tuple:
+def features(clip_model, variables, items, *, batch_size=100, image_size=224,
+             desc: str = "") -> tuple:
   """Raw (unnormalised) image features with the test transform, and labels."""
   fn = jax.jit(lambda v, x: M.image_features(clip_model, v, x))
   loader = evaluate.predict_loader(items, batch_size, image_size)
   feats, labels = [], []
-  for b in loader.iterate(0):
+  for b in metrics_lib.progress(loader.iterate(0), total=loader.steps_per_epoch(0),
+                                desc=desc or f"image features of {len(items)} images"):
     feats.append(np.asarray(fn(variables, jnp.asarray(b["image"]))))
     labels.append(b["label"])
   return np.concatenate(feats)[:len(items)], np.concatenate(labels)[:len(items)]

@@ -41,8 +41,15 @@ import numpy as np
 from PIL import Image
 
 from jaxprompt import metrics as metrics_lib
+from jaxprompt import validate
 
 STAGES = ("data", "clipreid", "lpt", "report")
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
 
 
 # ============================================================================ paths
@@ -420,3 +427,17 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   if stage in (None, "report"):
     results["report"] = run_report(config, paths, timings)
   return results
+
+
+def validate_config(config) -> None:
+  """The default job's own fields and each sub-run's config, checked by its family's
+  `validate_config` (errors name the full field, e.g. `clipreid.data.size`)."""
+  from jaxprompt.clipreid import config as clipreid_config  # the job imports families lazily
+  from jaxprompt.lpt import config as lpt_config
+  for field in ("steps", "width", "depth", "heads", "mlp_ratio", "patch", "image_size",
+                "batch_size"):
+    validate.positive(config, f"pretrain.{field}")
+  validate.number(config, "pretrain.learning_rate", minimum=0.0, strictly=True)
+  clipreid_config.validate_config(validate.Scoped(config.clipreid, "clipreid"))
+  for sub in ("lpt", "linear"):
+    lpt_config.validate_config(validate.Scoped(config[sub], sub))

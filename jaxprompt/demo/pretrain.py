@@ -326,7 +326,8 @@ def pretrain_params(*, data: Optional[PretrainData] = None, steps: int = 600, se
 
   losses, window = [], []
   batches = _prefetch(data, np.random.default_rng([seed, 0x50524554]), batch_size, steps)
-  for i, (x, y) in enumerate(batches):
+  for i, (x, y) in enumerate(metrics_lib.progress(batches, total=steps, desc="pretraining the ViT",
+                                                   unit="step")):
     params, opt_state, loss, _ = step(params, opt_state, x, y)
     window.append(loss)
     if (i + 1) % log_every == 0 or i + 1 == steps:

@@ -23,9 +23,17 @@ from jaxprompt import optim
 from jaxprompt.lpt import config as config_lib
 from jaxprompt.lpt import context
 from jaxprompt.lpt import evaluate
-from jaxprompt.lpt.config import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.lpt.config import base_config, paper_config, validate_config  # noqa: F401 (re-export)
 
 STAGES = ("train", "eval")
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
+
+
 METHODS = ("vpt_deep", "vpt_shallow", "linear")
 
 # The default of `train.rules` (the config's field is what runs).

@@ -16,6 +16,7 @@ from jaxprompt.lpt import data as longtail
 from jaxprompt.lpt import model as lpt_model
 from jaxprompt.lpt.data import DATASETS
 from jaxprompt.lpt.losses import AGCL_CB, AGCL_IB
+from jaxprompt import validate
 from jaxprompt.trainer import stage_defaults
 
 # The recipes' lr at batch 256 (rescaled linearly with data.batch_size by paper_config): LPT's
@@ -341,3 +342,51 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     s.ckpt_every_steps = 0
     s.async_checkpoints = False
   return c
+
+
+def validate_config(config) -> None:
+  """Types and values of the fields the LPT / VPT / linear pipelines read, each error naming
+  its field (`launch.py` calls this before any work starts)."""
+  v = validate
+  v.one_of(config, "method", lpt_model.METHODS)
+  v.one_of(config, "data.dataset", DATASETS, key=lambda d: parse_dataset(d)[0])
+  v.existing_path(config, "data.root", kind="dir")
+  for field in ("data.lists_dir",):
+    v.existing_path(config, field, kind="dir")
+  for field in ("data.train_file", "data.test_file", "model.vit_weights",
+                "model.released_checkpoint"):
+    v.existing_path(config, field, kind="file")
+  v.existing_path(config, "eval.predict_dir", kind="dir")
+  v.one_of(config, "data.sampling", ("dual", "instance", "class_aware"))
+  v.positive(config, "data.batch_size")
+  v.positive(config, "data.eval_batch_size")
+  v.positive(config, "data.num_samples_cls")
+  v.integer(config, "data.workers", minimum=0)
+  v.integer(config, "data.resize", minimum=0)
+  v.sequence(config, "data.mean", length=3)
+  v.sequence(config, "data.std", length=3)
+  v.positive(config, "model.image_size")
+  v.one_of(config, "model.head", lpt_model.HEADS)
+  v.one_of(config, "model.prompt_init", ("trunc_normal", "vpt_uniform"))
+  v.integer(config, "model.prompt_length", minimum=0)
+  if config.method == "lpt":
+    v.positive(config, "model.pool_size")
+    v.positive(config, "model.group_layers")
+    top_k = v.positive(config, "model.top_k")
+    if top_k > int(config.model.pool_size):
+      raise validate.ConfigError(f"model.top_k ({top_k}) must be at most model.pool_size "
+                                 f"({config.model.pool_size})")
+  v.one_of(config, "loss.kind", ("agcl", "ce"))
+  v.one_of(config, "eval.convention", ("lpt", "oltr"))
+  stages = stage_names(config.method)
+  for stage in stages:
+    v.stage_fields(config, stage)
+    if not int(config[stage].total_epochs):
+      raise validate.ConfigError(f"{stage}.total_epochs must be positive (the schedules are "
+                                 "per epoch; total_steps only cuts a stage short)")
+  for name in v.sequence(config, "eval.stages"):
+    if name not in stages:
+      raise validate.ConfigError(f"eval.stages: unknown stage {name!r}; the {config.method} "
+                                 f"pipeline has {stages}")
+  v.precision(config, "precision")
+  v.integer(config, "seed")

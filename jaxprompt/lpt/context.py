@@ -80,7 +80,8 @@ def build_vit(config) -> tuple[ViT, dict]:
   if not m.vit_weights:
     raise ValueError("set model.vit_weights (a timm or AugReg ViT file) or model.tiny_random")
   model, variables = load_vit(m.vit_weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
-                              exact_gelu=bool(m.exact_gelu), expected=EXPECTED_TOWER)
+                              exact_gelu=bool(m.exact_gelu), expected=EXPECTED_TOWER,
+                              field="model.vit_weights")
   return model.img, jax.device_get(variables["params"]["img"])
 
 
@@ -307,10 +308,11 @@ Setup = Context
 
 
 def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: ForwardFn,
-                init, seed_offset: int = 0, frozen_source: str = "",
-                on_epoch_end: Optional[Callable] = None):
-  """One training stage on `run_stage` with this family's loader, loss and schedule;
-  `on_epoch_end` goes to `run_stage` (`evaluate.select_hook`: eval.select='best')."""
+                init, seed_offset: int = 0, frozen_source: str = "", resume_init=None,
+                carry: Sequence[str] = (), on_epoch_end: Optional[Callable] = None):
+  """One training stage on `run_stage` with this family's loader, loss and schedule
+  (`resume_init` / `carry`: resume without reading earlier stages, see `trainer.run_stage`;
+  `on_epoch_end`: `evaluate.select_hook` for eval.select='best')."""
   cfg = setup.config[stage]
   loader = make_train_loader(setup.config, setup.train, int(cfg.total_epochs),
                              int(setup.config.seed) + seed_offset)
@@ -318,6 +320,7 @@ def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: For
       seeds.for_stage(cfg, stage), workdir=workdir, stage=stage, init=init,
       loss_fn=make_loss_fn(setup.config, forward, setup.counts), rules=rules, loader=loader,
       make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
-      frozen_source=frozen_source or setup.vit_source, on_epoch_end=on_epoch_end)
+      frozen_source=frozen_source or setup.vit_source, resume_init=resume_init, carry=carry,
+      on_epoch_end=on_epoch_end)
 
 

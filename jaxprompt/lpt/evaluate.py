@@ -194,11 +194,12 @@ def _batched(records: Sequence, decode, batch: int, workers: int) -> Iterator[tu
     yield b, min(batch, n - i * batch)
 
 
-def run_predict(predict, params, records: Sequence, decode, batch: int, workers: int
-                ) -> dict[str, np.ndarray]:
+def run_predict(predict, params, records: Sequence, decode, batch: int, workers: int,
+                desc: str = "predict") -> dict[str, np.ndarray]:
   """Concatenated outputs of `predict(params, images)` over `records` (padding removed)."""
   outs: dict[str, list] = {}
-  for b, valid in _batched(records, decode, batch, workers):
+  for b, valid in metrics_lib.progress(_batched(records, decode, batch, workers),
+                                       total=-(-len(records) // batch), desc=desc):
     out = jax.device_get(predict(params, b["image"]))
     for k in ("pred", "indices"):
       if k in out:
@@ -213,7 +214,7 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
   per-class accuracy, plots and `results.json` in `out_dir` (plus the `extra` fields)."""
   d = config.data
   res = run_predict(predict, params, test.records, decode_fn(config, train=False),
-                    int(d.eval_batch_size), int(d.workers))
+                    int(d.eval_batch_size), int(d.workers), desc=f"eval {name}")
   labels = test.labels
   conv = config.eval.convention
   acc = shot_accuracy(res["pred"], labels, train_counts, conv)
@@ -259,7 +260,8 @@ def predict_folder(config, predict, params, folder: str, output: str,
     x = lpt_test_transform(data_files.load_image(path), size, resize, mean=tuple(d.mean), std=tuple(d.std))
     return {"image": np.ascontiguousarray(x)}
 
-  res = run_predict(predict, params, paths, decode, int(d.eval_batch_size), int(d.workers))
+  res = run_predict(predict, params, paths, decode, int(d.eval_batch_size), int(d.workers),
+                    desc=f"predict {folder}")
   rows = [(os.path.relpath(p, folder), int(c)) for p, c in zip(paths, res["pred"])]
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

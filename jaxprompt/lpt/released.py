@@ -41,12 +41,13 @@ SHARED, GROUP, KEYS, HEAD = (PL + "Prompt_Tokens", PL + "Prompt_Tokens_pool",
 LN_EPS = 1e-5
 
 
-def _read(source) -> tuple[dict[str, np.ndarray], str]:
-  return io.read_state_dict(source)
+def _read(source, field: Optional[str] = None) -> tuple[dict[str, np.ndarray], str]:
+  return io.read_state_dict(source, field=field)
 
 
 def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
-            heads: Optional[int] = None) -> tuple[ViTModel, dict, dict]:
+            heads: Optional[int] = None, field: Optional[str] = None
+            ) -> tuple[ViTModel, dict, dict]:
   """Converts LPT's phase-2 checkpoint (whole model).
 
   Args:
@@ -63,7 +64,7 @@ def convert(state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
     WeightMismatchError: a diff in the file's own names when the backbone or
       the prompt tensors do not fit.
   """
-  sd, source = _read(state_dict_or_path)
+  sd, source = _read(state_dict_or_path, field)
   backbone = {k: v for k, v in sd.items() if not k.startswith(PL)}
   learner = {k: v for k, v in sd.items() if k.startswith(PL)}
   if "patch_embed.proj.weight" not in backbone:
@@ -114,7 +115,7 @@ def load_released(config) -> tuple[ViT, dict, dict]:
   """(tower, host params {'img', 'prompt', 'head'}, converter info) of
   `model.released_checkpoint` (LPT's phase-2 model)."""
   path = config.model.released_checkpoint
-  model, params, info = convert(path)
+  model, params, info = convert(path, field="model.released_checkpoint")
   logging.info("released checkpoint %s: %d classes, depth %d, prompts %d x %d, pool %d, "
                "group layers %d, grid %s", path, info["num_classes"], info["depth"],
                info["depth"], info["prompt_length"], info["pool_size"], info["group_layers"],

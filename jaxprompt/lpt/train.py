@@ -27,18 +27,27 @@ Stages (each resumes from its own checkpoints):
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import jax
 
 from jaxprompt.lpt import model as lpt_model
 from jaxprompt import optim
+from jaxprompt import sharding as shd
 from jaxprompt.lpt import config as config_lib
 from jaxprompt.lpt import context
 from jaxprompt.lpt import evaluate
-from jaxprompt.lpt.config import base_config, paper_config  # noqa: F401 (re-export)
+from jaxprompt.lpt.config import base_config, paper_config, validate_config  # noqa: F401 (re-export)
 
 STAGES = ("phase1", "phase2", "eval")
+
+
+def run_stages(config) -> tuple[str, ...]:
+  """What `--stage` may name (launch.py checks it before any work)."""
+  del config
+  return STAGES
+
 
 # The defaults of `phase1.rules` / `phase2.rules` (the config's fields are what runs).
 PHASE1_RULES = optim.rules_from_config(config_lib.PHASE1_RULES)
@@ -66,6 +75,12 @@ def phase2_forward(setup: context.Context):
     # (exact: the tower has no dropout and the shared prompt is frozen).
     return lpt_model.phase2_forward(setup.vit, params, images, spec, rng=rng, fused=True)
   return forward
+
+
+def carried_leaves(params, earlier_rules, rules) -> list[str]:
+  """Regexes naming the leaves an earlier stage trains and this stage freezes."""
+  trained_before = optim.split(params, earlier_rules)[0]
+  return [re.escape(n) for n in shd.leaf_names(optim.split(trained_before, rules)[1])]
 
 
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:
@@ -98,10 +113,15 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
       del rng
       return context.params_after(workdir, ["phase1"], setup.init_params()), {}
 
+    rules2 = optim.rules_from_config(config.phase2.rules, "phase2.rules")
+    # Phase 1's leaves that phase 2 keeps frozen (the shared prompts) are saved with phase
+    # 2's checkpoints: a resumed phase 2 starts from the untrained tree and reads no phase 1.
+    carry = carried_leaves(setup.init_params(),
+                           optim.rules_from_config(config.phase1.rules, "phase1.rules"), rules2)
     results["phase2"] = context.train_stage(
-        setup, workdir, "phase2", forward=phase2_forward(setup), init=init2,
-        rules=optim.rules_from_config(config.phase2.rules, "phase2.rules"),
+        setup, workdir, "phase2", forward=phase2_forward(setup), init=init2, rules=rules2,
         seed_offset=1, frozen_source=f"{setup.vit_source} + {workdir}/phase1",
+        resume_init=lambda rng: (setup.init_params(), {}), carry=carry,
         on_epoch_end=evaluate.select_hook(setup, workdir, "phase2", phase=2))
 
   # Eval: each requested finished stage, on the test split.
