@@ -1,4 +1,4 @@
-"""The default job: CLIP-ReID and LPT end to end on self-built data, offline, a few minutes on CPU.
+"""The default job: CLIP-ReID, LPT and CoOp/CoCoOp end to end on self-built data, offline, on CPU.
 
   python launch.py                                        # (make run) into workdir/default
   python launch.py --config configs/default.py:small      # the reduced size the tests use
@@ -127,4 +127,9 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
   c.clipreid = _clipreid(size)
   c.lpt = _cls("lpt", size)
   c.linear = _cls("linear", size)
+  # CoOp / CoCoOp on a tiny CLIP pretrained on generated captions (jaxprompt/coop/demo.py);
+  # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline.
+  c.coop = ml_collections.ConfigDict(dict(
+      pretrain_steps=250 if small else 400, per_class_test=6 if small else 12, seed=1,
+      pretrain_seed=0))
   return c
