@@ -161,7 +161,7 @@ def _load_or_pretrain(path: str, steps: int, seed: int):
   return model, variables, loss
 
 
-def run(workdir: str, *, pretrain_steps: int = 400, per_class_test: int = 12,
+def run(workdir: str, *, pretrain_steps: int = 250, per_class_test: int = 12,
         seed: int = 1, pretrain_seed: int = 0) -> dict:
   """Returns {'rows': {method: {'base', 'new', 'H'}}, 'pretrain_loss', 'seconds', 'chance'}.
 
