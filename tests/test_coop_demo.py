@@ -14,3 +14,7 @@ def test_demo_rows(tmp_path):
     assert abs(row["H"] - evaluate.harmonic(row["base"], row["new"])) < 1e-9
   zs = out["rows"]["zeroshot"]
   assert min(zs["base"], zs["new"]) > 2 * out["chance"], (zs, out["chance"])
+  # The pretrained CLIP is kept for a rerun (resume) and read back, not trained again.
+  _, variables, loss = demo._load_or_pretrain(str(tmp_path / "clip.npz"), 250, 0)
+  assert loss == out["pretrain_loss"]
+  assert variables["params"]["txt"]["token_embedding"].shape[-1] == 64

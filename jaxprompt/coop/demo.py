@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Optional, Sequence
@@ -139,18 +140,47 @@ def demo_config(root: str, method: str, protocol: str = "base2new"):
   return c
 
 
-def run(workdir: str, *, pretrain_steps: int = 400, per_class_test: int = 12) -> dict:
-  """Returns {'rows': {method: {'base', 'new', 'H'}}, 'pretrain_loss', 'seconds'}."""
+def _load_or_pretrain(path: str, steps: int, seed: int):
+  """The pretrained tiny CLIP, kept in `path` so that a rerun (or a resumed job) scores its
+  checkpointed prompts against the same towers instead of pretraining again."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  meta = {"steps": int(steps), "seed": int(seed)}
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      if json.loads(str(z["__meta__"])) == meta:
+        flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files if k != "__meta__"}
+        return (CLIP(tiny_config()), {"params": traverse_util.unflatten_dict(flat)},
+                float(z["__loss__"]) if "__loss__" in z.files else float("nan"))
+  model, variables, loss = pretrain(steps=steps, seed=seed)
+  flat = traverse_util.flatten_dict(jax.device_get(variables["params"]))
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, __meta__=json.dumps(meta), __loss__=np.float64(loss),
+           **{"/".join(k): np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)  # atomic: a killed run never leaves a half-written file
+  return model, variables, loss
+
+
+def run(workdir: str, *, pretrain_steps: int = 250, per_class_test: int = 12,
+        seed: int = 1, pretrain_seed: int = 0) -> dict:
+  """Returns {'rows': {method: {'base', 'new', 'H'}}, 'pretrain_loss', 'seconds', 'chance'}.
+
+  Resumable: the pretrained CLIP is kept in `workdir/clip.npz`, the generated images are
+  reused, and each method's pipeline resumes from its checkpoints and eval files.
+  """
   t0 = time.time()
-  clip_model, clip_vars, loss = pretrain(steps=pretrain_steps)
-  root = os.path.join(workdir, "shapes")
-  if not os.path.isdir(root):
+  clip_model, clip_vars, loss = _load_or_pretrain(os.path.join(workdir, "clip.npz"),
+                                                  pretrain_steps, pretrain_seed)
+  root = os.path.join(workdir, f"shapes_{per_class_test}")
+  if not os.path.isfile(os.path.join(root, "done")):
     write_folder(os.path.join(root, "train"), 8, seed=123)
     write_folder(os.path.join(root, "test"), per_class_test, seed=456)
+    open(os.path.join(root, "done"), "w").close()
   rows = {}
   for method in ("zeroshot", "coop", "cocoop"):
-    res = train.run(demo_config(root, method), os.path.join(workdir, method),
-                    clip=(clip_model, clip_vars))
+    c = demo_config(root, method)
+    c.seeds = (int(seed),)
+    res = train.run(c, os.path.join(workdir, method), clip=(clip_model, clip_vars))
     rows[method] = {k: v["mean"] for k, v in res["summary"].items()}
   return dict(rows=rows, pretrain_loss=loss, seconds=time.time() - t0,
               chance=100.0 / (len(CLASSES) // 2))
@@ -159,8 +189,9 @@ def run(workdir: str, *, pretrain_steps: int = 400, per_class_test: int = 12) ->
 def main(argv: Optional[Sequence[str]] = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="workdir/coop_demo")
+  p.add_argument("--seed", type=int, default=1, help="few-shot sampling and prompt-init seed")
   args = p.parse_args(argv)
-  out = run(args.workdir)
+  out = run(args.workdir, seed=args.seed)
   print(f"{'method':10s}{'base':>8s}{'new':>8s}{'H':>8s}   (chance {out['chance']:.1f}%)")
   for m, r in out["rows"].items():
     print(f"{m:10s}{r['base']:8.2f}{r['new']:8.2f}{r['H']:8.2f}")

@@ -1,4 +1,4 @@
-"""The default job: small, offline, complete runs of CLIP-ReID and LPT, with one results table.
+"""The default job: small, offline, complete runs of CLIP-ReID, LPT and CoOp, with one table.
 
   python launch.py                                  # configs/default.py into workdir/default
   python launch.py --stage report                   # print the table of a finished run again
@@ -14,6 +14,9 @@ the real pipelines resume from their checkpoints):
             stage 2 and eval on the same data ("after").
   lpt       the LPT pipeline (phase 1, phase 2, eval) and the linear probe (the vpt
             pipeline's 'linear' method) on the same frozen pretrained tower.
+  coop      a tiny CLIP trained contrastively on generated image-caption pairs, then
+            zero-shot CLIP, CoOp and CoCoOp through the CoOp pipeline on a generated
+            classification set split into base and new classes (`jaxprompt.coop.demo`).
   report    one table (printed, `results.md`, `results.json`) and the comparison plots.
 
 Every sub-run is a real pipeline run on a sub-config from `config.clipreid`, `config.lpt` or
@@ -26,6 +29,8 @@ what the `data` stage wrote. Workdir layout:
   clipreid/      stage1/, stage2/ (checkpoints, metrics, TensorBoard), eval/
   lpt/           phase1/, phase2/, eval/{phase1,phase2}/
   linear/        train/, eval/train/
+  coop/          clip.npz (the pretrained tiny CLIP), shapes_*/, {zeroshot,coop,cocoop}/,
+                 results.json
   results.md, results.json, cmc.png, bucket_accuracy.png, timings.json
   jax_cache/     the persistent compilation cache (unless JAX_COMPILATION_CACHE_DIR is set)
 """
@@ -43,7 +48,7 @@ from PIL import Image
 from jaxprompt import metrics as metrics_lib
 from jaxprompt import validate
 
-STAGES = ("data", "clipreid", "lpt", "report")
+STAGES = ("data", "clipreid", "lpt", "coop", "report")
 
 
 def run_stages(config) -> tuple[str, ...]:
@@ -69,6 +74,7 @@ class Paths:
     self.clipreid = os.path.join(workdir, "clipreid")
     self.lpt = os.path.join(workdir, "lpt")
     self.linear = os.path.join(workdir, "linear")
+    self.coop = os.path.join(workdir, "coop")
     self.timings = os.path.join(workdir, "timings.json")
 
 
@@ -252,10 +258,31 @@ def run_lpt(config, paths: Paths) -> dict:
   return {"lpt": res_lpt, "linear": res_lin}
 
 
+# ============================================================================ stage: coop
+
+
+def run_coop(config, paths: Paths) -> dict:
+  """Zero-shot CLIP, CoOp and CoCoOp (base / new / H) on the generated shapes."""
+  from jaxprompt.coop import demo as coop_demo
+  c = config.coop
+  _say("coop: tiny CLIP pretraining, then zero-shot, CoOp and CoCoOp (base / new classes)")
+  out = coop_demo.run(paths.coop, pretrain_steps=int(c.pretrain_steps),
+                      per_class_test=int(c.per_class_test), seed=int(c.seed),
+                      pretrain_seed=int(c.pretrain_seed))
+  out = {"rows": out["rows"], "pretrain_loss": out["pretrain_loss"], "chance": out["chance"],
+         "seed": int(c.seed)}
+  metrics_lib.write_json(os.path.join(paths.coop, "results.json"), out)
+  return out
+
+
 # ============================================================================ stage: report
 
 REID_KEYS = ("mAP", "R1", "R5", "R10")
 LT_KEYS = ("overall", "many", "medium", "few")
+COOP_KEYS = ("base", "new", "H")
+COOP_ROWS = (("zeroshot", "zero-shot CLIP ('a photo of a {}.')"),
+             ("coop", "CoOp (4 context tokens)"),
+             ("cocoop", "CoCoOp (4 tokens + Meta-Net)"))
 
 
 def collect(paths: Paths) -> dict:
@@ -267,6 +294,7 @@ def collect(paths: Paths) -> dict:
       "linear": (os.path.join(paths.linear, "eval", "train", "results.json"), "lpt"),
       "lpt_phase1": (os.path.join(paths.lpt, "eval", "phase1", "results.json"), "lpt"),
       "lpt_phase2": (os.path.join(paths.lpt, "eval", "phase2", "results.json"), "lpt"),
+      "coop": (os.path.join(paths.coop, "results.json"), "coop"),
   }
   out = {}
   for key, (path, stage) in files.items():
@@ -279,18 +307,23 @@ def collect(paths: Paths) -> dict:
 
 def results_table(res: dict) -> str:
   """One aligned (markdown) table: ReID rows with mAP/R1, long-tail rows with accuracies."""
-  header = ["task", "model", "mAP", "R1", "R5", "overall", "many", "medium", "few"]
+  header = ["task", "model", "mAP", "R1", "R5", "overall", "many", "medium", "few", "base",
+            "new", "H"]
   rows = []
   for key, name in (("clipreid_untrained", "CLIP-ReID, untrained (random init)"),
                     ("clipreid", "CLIP-ReID, stage 1 + stage 2")):
     r = res[key]
     rows.append(["ReID", name, *(f"{100 * r[k]:.1f}" for k in ("mAP", "R1", "R5")),
-                 "", "", "", ""])
+                 "", "", "", "", "", "", ""])
   for key, name in (("linear", "linear probe (frozen ViT)"),
                     ("lpt_phase1", "LPT phase 1 (shared prompt)"),
                     ("lpt_phase2", "LPT phase 2 (shared + group)")):
     r = res[key]
-    rows.append(["LT digits", name, "", "", "", *(f"{r[k]:.1f}" for k in LT_KEYS)])
+    rows.append(["LT digits", name, "", "", "", *(f"{r[k]:.1f}" for k in LT_KEYS), "", "", ""])
+  for key, name in COOP_ROWS:
+    r = res["coop"]["rows"][key]
+    rows.append(["shapes", name, "", "", "", "", "", "", "",
+                 *(f"{r[k]:.1f}" for k in COOP_KEYS)])
   widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
   right = [False, False] + [True] * (len(header) - 2)
 
@@ -307,6 +340,7 @@ def summary(res: dict) -> dict:
   """The headline numbers (percent) and the two comparisons the job is meant to show."""
   before, after = res["clipreid_untrained"], res["clipreid"]
   lin, p2 = res["linear"], res["lpt_phase2"]
+  coop = res["coop"]["rows"]
   return {
       "clipreid": {"before": {k: 100 * before[k] for k in REID_KEYS},
                    "after": {k: 100 * after[k] for k in REID_KEYS},
@@ -315,10 +349,14 @@ def summary(res: dict) -> dict:
                    "lpt_phase1": {k: res["lpt_phase1"][k] for k in LT_KEYS},
                    "lpt_phase2": {k: p2[k] for k in LT_KEYS},
                    "classes_per_bucket": p2["classes_per_bucket"]},
+      "coop": {key: {k: coop[key][k] for k in COOP_KEYS} for key, _ in COOP_ROWS},
       "checks": {"clipreid_map_gain": 100 * (after["mAP"] - before["mAP"]),
                  "clipreid_r1_gain": 100 * (after["R1"] - before["R1"]),
                  "lpt_few_gain_over_linear": p2["few"] - lin["few"],
-                 "lpt_overall_gain_over_linear": p2["overall"] - lin["overall"]},
+                 "lpt_overall_gain_over_linear": p2["overall"] - lin["overall"],
+                 "coop_base_gain_over_zeroshot": coop["coop"]["base"] - coop["zeroshot"]["base"],
+                 "cocoop_base_gain_over_zeroshot":
+                     coop["cocoop"]["base"] - coop["zeroshot"]["base"]},
   }
 
 
@@ -359,6 +397,9 @@ def run_report(config, paths: Paths, timings: Optional[dict] = None) -> dict:
       f"LT digits: {sum(buckets.values())} classes ({buckets['many']} many, "
       f"{buckets['medium']} medium, {buckets['few']} few), frozen ViT pretrained on glyphs; "
       "accuracy in %.",
+      f"shapes: 24 generated colour-shape classes, 12 base (prompts trained on 8 shots each) "
+      f"and 12 new, tiny CLIP pretrained on image-caption pairs; top-1 in %, chance "
+      f"{res['coop']['chance']:.1f}%, seed {res['coop'].get('seed', 1)}.",
   ]
   if total:
     notes.append("time: " + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in timings.items()
@@ -397,7 +438,7 @@ def use_compilation_cache(workdir: str) -> Optional[str]:
 
 
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:
-  """data -> clipreid -> lpt -> report; `stage` runs (or resumes) only that one."""
+  """data -> clipreid -> lpt -> coop -> report; `stage` runs (or resumes) only that one."""
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; the default job has {STAGES}")
   use_compilation_cache(workdir)
@@ -422,6 +463,10 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   # LPT (phase 1, phase 2) and the linear probe on the same frozen tower.
   if stage in (None, "lpt"):
     timed("lpt", run_lpt)
+
+  # Zero-shot CLIP, CoOp and CoCoOp on a tiny contrastively pretrained CLIP.
+  if stage in (None, "coop"):
+    timed("coop", run_coop)
 
   # One table from every sub-run's results file, plus the comparison plots.
   if stage in (None, "report"):
