@@ -54,8 +54,8 @@ def _clipreid(size: str) -> ml_collections.ConfigDict:
   """CLIP-ReID's Market-1501 recipe with a tiny random CLIP and a demo-sized schedule."""
   small = size == "small"
   c = clipreid.paper_config("market1501", "vit_b16", "clipreid")
-  t = c.model.tiny_random
-  t.enabled = True
+  c.model.tiny_random = True
+  t = c.model.tiny
   t.vision = "vit"
   t.width, t.layers, t.heads, t.patch_size = 64, 2, 4, 8
   t.embed_dim, t.text_width, t.text_heads, t.text_layers = 64, 32, 2, 1
@@ -91,7 +91,7 @@ def _cls(method: str, size: str) -> ml_collections.ConfigDict:
   c.data.workers = 2
   c.data.resize = 18
   c.data.crop_scale = (0.5, 1.0)  # 16-px digits: the 0.08 lower bound leaves a stroke or two
-  c.data.eval_batch_size = 100
+  c.eval.batch_size = 100
   c.model.dropout = 0.0
   if method == "lpt":
     c.model.prompt_length = 4

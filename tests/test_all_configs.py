@@ -69,7 +69,7 @@ def _clip_shapes(cfg: CLIPConfig):
 
 def paper_clip(config) -> CLIPConfig:
   """OpenAI's ViT-B/16 or RN50 (openai/CLIP clip/model.py build_model), at the config's input."""
-  if config.model.tiny_random.enabled:
+  if config.model.tiny_random:
     return tiny_clip_config(config)
   common = dict(context_length=77, vocab_size=49408, text_width=512, text_heads=8, text_layers=12)
   size = tuple(config.data.size)
@@ -136,7 +136,7 @@ def paper_vit(config, job=None) -> ViTConfig:
 
 def lpt_tree(config, job=None):
   d = config.data
-  n = (CLASSES.get(d.dataset) or int(d.num_classes)
+  n = (CLASSES.get(d.name) or int(d.num_classes)
        or int(d.synthetic.num_classes))
   spec = prompt_spec(config, n)
   vit = _vit(paper_vit(config, job), float(config.model.ln_eps), bool(config.model.exact_gelu))

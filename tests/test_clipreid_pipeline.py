@@ -64,8 +64,8 @@ def tiny_config(root: str, vision: str = "vit", variant: str = "clipreid"):
   """The paper recipe for Market-1501, shrunk: tiny random CLIP, 8-image batches."""
   c = clipreid.paper_config("market1501", "vit_b16" if vision == "vit" else "rn50",
                             variant, root=root)
-  c.model.tiny_random.enabled = True
-  c.model.tiny_random.vision = vision
+  c.model.tiny_random = True
+  c.model.tiny.vision = vision
   c.model.stride = 8
   c.data.size = (32, 16)
   c.data.workers = 2
@@ -146,7 +146,7 @@ def test_vit_sie_end_to_end_resume_extract_and_refusal(market, tmp_path, monkeyp
 
 def test_rn_end_to_end(market, tmp_path):
   cfg = tiny_config(market, "resnet")
-  cfg.model.tiny_random.width = 8
+  cfg.model.tiny.width = 8
   cfg.stage1.total_epochs = 1
   cfg.stage2.total_epochs = 1
   wd = str(tmp_path / "rn")

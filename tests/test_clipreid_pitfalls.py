@@ -108,7 +108,7 @@ def _capture(market, vision, workdir):
   """(ctx, stage-1 kwargs, stage-2 kwargs, cls_ctx, stage-2 params, stage-2 model state)."""
   cfg = tiny_config(market, vision)
   if vision == "resnet":
-    cfg.model.tiny_random.width = 8
+    cfg.model.tiny.width = 8
   # The paper's schedule lengths (tiny_config shortens the warmups).
   cfg.stage1.total_epochs, cfg.stage1.lr_schedule.warmup_t = 120 if vision == "vit" else 60, 5
   cfg.stage1.batch_size = STAGE1_BATCH
@@ -409,7 +409,7 @@ def _grid_after(cfg):
 
 def test_grids_last_stride_and_sie_placement(market):
   vit = tiny_config(market, "vit")
-  vit.model.tiny_random.patch_size = 16
+  vit.model.tiny.patch_size = 16
   vit.data.size = (256, 128)
   vit.model.stride = 16
   assert _grid_after(vit) == (16, 8)
@@ -417,7 +417,7 @@ def test_grids_last_stride_and_sie_placement(market):
   assert _grid_after(vit) == (21, 10)
   rn = clipreid.paper_config("market1501", "rn50")
   assert rn.model.last_stride == 1
-  rn.model.tiny_random.enabled, rn.model.tiny_random.vision = True, "resnet"
+  rn.model.tiny_random, rn.model.tiny.vision = True, "resnet"
   assert _grid_after(rn) == (16, 8)  # 256x128 / 16 with last stride 1
   rn.model.last_stride = 2
   assert _grid_after(rn) == (8, 4)

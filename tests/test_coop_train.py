@@ -105,7 +105,7 @@ def test_released_checkpoint_converts_and_checks(tmp_path):
   # The class-token position is recorded in the reference's run folder name.
   cfg = _config(str(tmp_path), "coop")
   cfg.prompt.class_token_position = "middle"
-  cfg.released.path = os.path.join(str(tmp_path), "nctx4_cscFalse_ctp{pos}", "seed{seed}",
+  cfg.model.released_checkpoint = os.path.join(str(tmp_path), "nctx4_cscFalse_ctp{pos}", "seed{seed}",
                                    "prompt_learner", "model.pth.tar-10").replace("{pos}", "end")
   model = type("C", (), {"config": type("K", (), {"text_width": 64, "embed_dim": 48})})
   with pytest.raises(ValueError, match="class_token_position='end'"):
@@ -131,9 +131,9 @@ def _config(data_root, method, weights=""):
   from jaxprompt.coop import config as C  # pylint: disable=import-outside-toplevel
   c = C.base_config()
   c.method, c.protocol = method, "base2new"
-  c.clip.weights, c.clip.image_size = weights, 32
+  c.model.weights, c.model.image_size = weights, 32
   c.data.name, c.data.root, c.data.shots, c.data.workers = "folder", data_root, 4, 0
-  c.data.batch_size, c.data.test_batch_size = 4, 16
+  c.data.batch_size, c.eval.batch_size = 4, 16
   c.seeds = (1,)
   c.prompt.n_ctx = 2
   c.train.total_epochs = 8
@@ -269,7 +269,7 @@ def test_released_prompt_evaluates_through_the_pipeline(e2e):
   d = tmp / "released" / "seed1" / "prompt_learner"
   d.mkdir(parents=True)
   torch.save({"state_dict": sd, "epoch": 10}, str(d / "model.pth.tar-10"))
-  cfg.released.path = str(tmp / "released" / "seed{seed}" / "prompt_learner" / "model.pth.tar-10")
+  cfg.model.released_checkpoint = str(tmp / "released" / "seed{seed}" / "prompt_learner" / "model.pth.tar-10")
   out = train.run(cfg, str(tmp / "released_run"), stage="eval")
   splits = train.splits_for(cfg, 1)
   v = {**variables, "params": {**variables["params"], "prompt": prompt}}

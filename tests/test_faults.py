@@ -205,9 +205,9 @@ def test_unreadable_weight_files_name_the_file_and_field(tmp_path, suffix):
   with open(path, "wb") as f:
     f.write(np.random.default_rng(0).bytes(4096))
   with pytest.raises(io.WeightFileError) as e:
-    io.read_arrays(path, field="model.clip_weights")
+    io.read_arrays(path, field="model.weights")
   text = str(e.value)
-  assert path in text and "config field model.clip_weights" in text
+  assert path in text and "config field model.weights" in text
   assert "allow_pickle" not in text and "weights_only" not in text
   assert "\n" not in text
 

@@ -71,7 +71,7 @@ def _text_ctx(workdir, dataset_name, clip):
 @pytest.fixture(scope="module")
 def tiny_clip():
   cfg = clipreid.base_config()
-  cfg.model.tiny_random.enabled = True
+  cfg.model.tiny_random = True
   cfg.model.stride = 8
   cfg.data.size = (32, 16)
   return clipreid.load_backbone(cfg)
@@ -168,7 +168,7 @@ def test_extract_with_out_of_range_camera_names_index_and_table(tmp_path, tiny_c
   cio.write_arrays(path, cio.flatten(jax.device_get(params)))
   _jpeg(str(tmp_path / "imgs" / "x.jpg"))
   cfg = clipreid.base_config()
-  cfg.model.tiny_random.enabled = True
+  cfg.model.tiny_random = True
   cfg.model.stride = 8
   cfg.data.size = (32, 16)
   cfg.model.sie_camera = True
@@ -299,7 +299,7 @@ def test_vehicleid_eval_averages_its_random_gallery_trials(tmp_path, tiny_clip, 
   path = str(tmp_path / "trained.npz")
   cio.write_arrays(path, cio.flatten(jax.device_get({"img": variables["params"]["img"]})))
   cfg = clipreid.paper_config("vehicleid", "vit_b16", "clipreid", root=root)
-  cfg.model.tiny_random.enabled = True
+  cfg.model.tiny_random = True
   cfg.model.stride = 8
   cfg.data.size = (32, 16)
   cfg.data.workers = 2

@@ -25,7 +25,7 @@ def tiny_config(method: str = "lpt", epochs: int = 2, **kw):
   c.model.pool_size = 4
   c.model.group_layers = 1
   c.data.workers = 0
-  c.data.eval_batch_size = 16
+  c.eval.batch_size = 16
   c.eval.plots = False
   for s in lpt_config.stage_names(method):
     c[s].progress = False
@@ -228,14 +228,14 @@ def _tower_files(tmp_path):
 def test_pre_logits_tower_file_warns_naming_file_and_expectation(tmp_path, method, recwarn):
   files = _tower_files(tmp_path)
   for kind in ("augreg_pre", "timm_pre"):
-    c = lpt.paper_config("synthetic", method, vit_weights=files[kind], image_size=32)
+    c = lpt.paper_config("synthetic", method, weights=files[kind], image_size=32)
     with pytest.warns(UserWarning) as rec:
       cls_common.build_vit(c)
     msg = " ".join(str(w.message) for w in rec)
     assert files[kind] in msg and "pre-logits" in msg, msg
     assert "AugReg" in msg and "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0" in msg
   recwarn.clear()
-  cls_common.build_vit(lpt.paper_config("synthetic", method, vit_weights=files["augreg"],
+  cls_common.build_vit(lpt.paper_config("synthetic", method, weights=files["augreg"],
                                         image_size=32))
   assert not [w for w in recwarn if "pre-logits" in str(w.message)]
 

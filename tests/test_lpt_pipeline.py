@@ -27,7 +27,7 @@ def tiny_config(method: str, steps: int = 0):
   c.model.group_layers = 2
   c.data.workers = 0
   c.data.resize = 18
-  c.data.eval_batch_size = 32
+  c.eval.batch_size = 32
   for s in lpt_config.stage_names(method):
     c[s].progress = False
     c[s].ckpt_every_steps = 5
@@ -106,7 +106,7 @@ def test_paper_configs():
   for ds in ("places_lt", "cifar100_lt:10", "cifar100_lt:50", "cifar100_lt:100",
              "cifar100_lt:200", "inat2018"):
     for method in ("lpt", "vpt_deep", "vpt_shallow", "linear"):
-      c = lpt.paper_config(ds, method, vit_weights="/w.npz")
+      c = lpt.paper_config(ds, method, weights="/w.npz")
       assert c.pipeline == ("lpt" if method == "lpt" else "vpt")
       assert c.recipe_notes
   c = lpt.paper_config("places_lt", "lpt")

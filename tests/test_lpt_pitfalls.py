@@ -36,7 +36,7 @@ def tiny_config(method: str = "lpt", epochs: int = 4, **synthetic):
   c.model.pool_size = 5
   c.model.group_layers = GROUP
   c.data.workers = 0
-  c.data.eval_batch_size = 16
+  c.eval.batch_size = 16
   c.eval.plots = False
   for k, v in synthetic.items():
     c.data.synthetic[k] = v
@@ -149,12 +149,12 @@ def test_config_builds_ln_eps_1e5_and_exact_gelu(lpt_setup, monkeypatch):
 
   monkeypatch.setattr(cls_common, "load_vit", fake_load_vit)
   with pytest.raises(RuntimeError, match="stop"):
-    cls_common.build_vit(lpt.paper_config("places_lt", "lpt", vit_weights="/w/augreg.npz"))
+    cls_common.build_vit(lpt.paper_config("places_lt", "lpt", weights="/w/augreg.npz"))
   assert seen["ln_eps"] == 1e-5 and seen["exact_gelu"] is True and seen["image_size"] == 224
 
 
 def test_normalisation_and_square_eval_resize():
-  c = lpt.paper_config("places_lt", "lpt", vit_weights="/w.npz")
+  c = lpt.paper_config("places_lt", "lpt", weights="/w.npz")
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)  # wide: aspect matters
   from jaxprompt.lpt.data import LTRecord
@@ -485,7 +485,7 @@ def test_stage_wiring_counts_sampling_weights_epoch_length(tmp_path, monkeypatch
 
 
 def test_recipe_values():
-  c = lpt.paper_config("places_lt", "lpt", vit_weights="/w.npz")
+  c = lpt.paper_config("places_lt", "lpt", weights="/w.npz")
   for stage in ("phase1", "phase2"):
     o = c[stage].optimizer
     assert (o.name, o.lr, o.weight_decay, o.coupled_decay) == ("sgd", 0.02, 0.01, True)
@@ -505,7 +505,7 @@ def test_recipe_values():
   assert lo.noise_std == pytest.approx(1 / 3) and lo.match_weight == 0.5
   assert (lo.cb_gamma_pos, lo.cb_gamma_neg, lo.ib_gamma_pos, lo.ib_gamma_neg) == (0, 4, 0.5, 8)
   assert c.eval.convention == "lpt"
-  v = lpt.paper_config("places_lt", "vpt_deep", vit_weights="/w.npz")
+  v = lpt.paper_config("places_lt", "vpt_deep", weights="/w.npz")
   o = v.train.optimizer
   assert (v.model.head, v.model.prompt_init, v.model.prompt_dropout) == ("linear", "vpt_uniform",
                                                                         0.1)

@@ -198,10 +198,10 @@ def lt_lists(tmp_path_factory):
 
 
 def lpt_config(root: str, path: str, method: str = "lpt"):
-  c = lpt_recipe.paper_config("list", method, data_root=root)
+  c = lpt_recipe.paper_config("list", method, root=root)
   c.data.train_file = os.path.join(root, "train.txt")
   c.data.test_file = os.path.join(root, "test.txt")
-  c.data.eval_batch_size = 8
+  c.eval.batch_size = 8
   c.data.workers = 2
   c.model.image_size = IMG
   c.model.prompt_length = T

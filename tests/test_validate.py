@@ -23,16 +23,16 @@ CASES = [
     # (config spec, override, text the one error line must hold)
     ("clipreid", "--config.data.size=64", "data.size must be (H, W), two positive integers"),
     ("clipreid", "--config.stage2.batch_size=0", "stage2.batch_size must be positive, got 0"),
-    ("clipreid", "--config.model.clip_weights=/nonexistent/ViT-B-16.pt",
-     "model.clip_weights: file not found: /nonexistent/ViT-B-16.pt"),
+    ("clipreid", "--config.model.weights=/nonexistent/ViT-B-16.pt",
+     "model.weights: file not found: /nonexistent/ViT-B-16.pt"),
     ("clipreid", "--config.data.name=market2000", "data.name must be one of"),
     ("lpt", "--config.phase1.total_epochs=-1", "phase1.total_epochs must be >= 0, got -1"),
     ("lpt", "--config.data.sampling=balanced", "data.sampling must be one of"),
-    ("vpt", "--config.model.vit_weights=/nonexistent/vit.npz",
-     "model.vit_weights: file not found: /nonexistent/vit.npz"),
+    ("vpt", "--config.model.weights=/nonexistent/vit.npz",
+     "model.weights: file not found: /nonexistent/vit.npz"),
     ("coop", "--config.data.shots=-2", "data.shots must be >= 0, got -2"),
-    ("coop", "--config.clip.weights=/nonexistent/RN50.pt",
-     "clip.weights: file not found: /nonexistent/RN50.pt"),
+    ("coop", "--config.model.weights=/nonexistent/RN50.pt",
+     "model.weights: file not found: /nonexistent/RN50.pt"),
     ("default", "--config.clipreid.data.size=64", "clipreid.data.size must be (H, W)"),
     ("lpt", "--stage=phase3", "--stage=phase3: unknown stage; the lpt pipeline has"),
     ("clipreid", "--config.variant=sie", "variant must be one of"),
@@ -108,7 +108,7 @@ def test_every_config_file_passes_its_validator_once_paths_are_set(tmp_path):
     spec.loader.exec_module(module)
     c = module.get_config()
     if c.pipeline == "clipreid":
-      c.model.clip_weights = str(weights)
+      c.model.weights = str(weights)
     elif c.pipeline == "coop":
-      c.clip.weights = str(weights)
+      c.model.weights = str(weights)
     methods.get(c.pipeline).validate_config(c)

@@ -1,7 +1,7 @@
 """DukeMTMC-reID, RN50: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
 
   python launch.py --config configs/clipreid/dukemtmc_rn50_baseline.py \
-      --config.model.clip_weights=weights/clip_rn50.npz \
+      --config.model.weights=weights/clip_rn50.npz \
       --config.data.root=data/dukemtmcreid \
       --workdir runs/dukemtmc_rn50_baseline
 

@@ -1,7 +1,7 @@
 """DukeMTMC-reID, ViT-B/16: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
 
   python launch.py --config configs/clipreid/dukemtmc_vit_b16_baseline.py \
-      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.model.weights=weights/clip_vit_b16.npz \
       --config.data.root=data/dukemtmcreid \
       --workdir runs/dukemtmc_vit_b16_baseline
 

@@ -1,7 +1,7 @@
 """Market-1501, RN50: CLIP-ReID (stage 1: identity tokens; stage 2: image encoder with ID, triplet and image-to-text losses).
 
   python launch.py --config configs/clipreid/market1501_rn50_clipreid.py \
-      --config.model.clip_weights=weights/clip_rn50.npz \
+      --config.model.weights=weights/clip_rn50.npz \
       --config.data.root=data/market1501 \
       --workdir runs/market1501_rn50_clipreid
 

@@ -1,7 +1,7 @@
 """Market-1501, ViT-B/16: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
 
   python launch.py --config configs/clipreid/market1501_vit_b16_baseline.py \
-      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.model.weights=weights/clip_vit_b16.npz \
       --config.data.root=data/market1501 \
       --workdir runs/market1501_vit_b16_baseline
 

@@ -1,7 +1,7 @@
 """MSMT17 (V1, train+val), RN50: CLIP-ReID (stage 1: identity tokens; stage 2: image encoder with ID, triplet and image-to-text losses).
 
   python launch.py --config configs/clipreid/msmt17_rn50_clipreid.py \
-      --config.model.clip_weights=weights/clip_rn50.npz \
+      --config.model.weights=weights/clip_rn50.npz \
       --config.data.root=data/msmt17 \
       --workdir runs/msmt17_rn50_clipreid
 

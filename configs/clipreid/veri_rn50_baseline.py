@@ -1,7 +1,7 @@
 """VeRi-776, RN50: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
 
   python launch.py --config configs/clipreid/veri_rn50_baseline.py \
-      --config.model.clip_weights=weights/clip_rn50.npz \
+      --config.model.weights=weights/clip_rn50.npz \
       --config.data.root=data/veri \
       --workdir runs/veri_rn50_baseline
 

@@ -1,7 +1,7 @@
 """VeRi-776, ViT-B/16: CLIP-ReID baseline (image encoder fine-tuned with ID + triplet losses, no text stage).
 
   python launch.py --config configs/clipreid/veri_vit_b16_baseline.py \
-      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.model.weights=weights/clip_vit_b16.npz \
       --config.data.root=data/veri \
       --workdir runs/veri_vit_b16_baseline
 

@@ -1,7 +1,7 @@
 """VeRi-776, ViT-B/16: CLIP-ReID (stage 1: identity tokens; stage 2: image encoder with ID, triplet and image-to-text losses).
 
   python launch.py --config configs/clipreid/veri_vit_b16_clipreid.py \
-      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.model.weights=weights/clip_vit_b16.npz \
       --config.data.root=data/veri \
       --workdir runs/veri_vit_b16_clipreid
 

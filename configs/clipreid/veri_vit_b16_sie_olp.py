@@ -1,7 +1,7 @@
 """VeRi-776, ViT-B/16: CLIP-ReID + SIE + OLP (camera x view SIE on the class token, coefficient 1.0, overlapping patches with stride 12).
 
   python launch.py --config configs/clipreid/veri_vit_b16_sie_olp.py \
-      --config.model.clip_weights=weights/clip_vit_b16.npz \
+      --config.model.weights=weights/clip_vit_b16.npz \
       --config.data.root=data/veri \
       --workdir runs/veri_vit_b16_sie_olp
 

@@ -1,7 +1,7 @@
 """CoOp base-to-new, ViT-B/16, M=4 from "a photo of a", batch 32, 200 epochs (50 on ImageNet) (arg: dataset).
 
   python launch.py --config configs/coop/base2new_coop_vit_b16.py:caltech101 \
-      --config.clip.weights=weights/ViT-B-16.pt --config.data.root=data \
+      --config.model.weights=weights/ViT-B-16.pt --config.data.root=data \
       --workdir runs/coop/base2new_coop_caltech101
 
 Paper (CoCoOp Table 1, ViT-B/16, 16 shots, mean of seeds 1-3), CoOp base / new / H:

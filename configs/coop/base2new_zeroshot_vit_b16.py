@@ -1,7 +1,7 @@
 """Zero-shot CLIP ViT-B/16 on the base and new halves (arg: dataset).
 
   python launch.py --config configs/coop/base2new_zeroshot_vit_b16.py:caltech101 \
-      --config.clip.weights=weights/ViT-B-16.pt --config.data.root=data \
+      --config.model.weights=weights/ViT-B-16.pt --config.data.root=data \
       --workdir runs/coop/base2new_zeroshot_caltech101
 
 Paper (CoCoOp Table 1, ViT-B/16, 16 shots, mean of seeds 1-3), CLIP base / new / H:

@@ -1,7 +1,7 @@
 """CoCoOp trained on all 1,000 ImageNet classes (16 shots, ViT-B/16, M=4 from "a photo of a"), evaluated on ImageNet-V2, -Sketch, -A, -R.
 
   python launch.py --config configs/coop/dg_cocoop_vit_b16.py \
-      --config.clip.weights=weights/ViT-B-16.pt --config.data.root=data \
+      --config.model.weights=weights/ViT-B-16.pt --config.data.root=data \
       --workdir runs/coop/dg_cocoop
 
 Paper (CoCoOp Table 3, ViT-B/16, source ImageNet 16 shots):

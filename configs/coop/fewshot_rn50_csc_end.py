@@ -1,7 +1,7 @@
 """CoOp few-shot, RN50, M=16 random init, class token end, class-specific context (arg: dataset,shots).
 
   python launch.py --config configs/coop/fewshot_rn50_csc_end.py:caltech101,16 \
-      --config.clip.weights=weights/RN50.pt --config.data.root=data \
+      --config.model.weights=weights/RN50.pt --config.data.root=data \
       --workdir runs/coop/fewshot_rn50_csc_end_caltech101_16
 
 The paper reports this variant in its few-shot figure only (curves, no table); the unified/end numbers for comparison:

@@ -1,7 +1,7 @@
 """CoOp few-shot, RN50, M=16 random init, class token end, unified context (arg: dataset,shots).
 
   python launch.py --config configs/coop/fewshot_rn50_end.py:caltech101,16 \
-      --config.clip.weights=weights/RN50.pt --config.data.root=data \
+      --config.model.weights=weights/RN50.pt --config.data.root=data \
       --workdir runs/coop/fewshot_rn50_end_caltech101_16
 
 Paper (CoOp, RN50, M=16, end, unified; mean of seeds 1-3; zero-shot CLIP first):

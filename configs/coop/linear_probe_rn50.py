@@ -1,7 +1,7 @@
 """Linear-probe CLIP RN50: logistic regression on frozen features, C searched on the few-shot val set (arg: dataset,shots).
 
   python launch.py --config configs/coop/linear_probe_rn50.py:caltech101,16 \
-      --config.clip.weights=weights/RN50.pt --config.data.root=data \
+      --config.model.weights=weights/RN50.pt --config.data.root=data \
       --workdir runs/coop/linear_probe_rn50_caltech101_16
 
 Paper: ImageNet 16 shots 55.87 (the other datasets are given as curves in CoOp's Figure 3).

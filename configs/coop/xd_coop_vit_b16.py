@@ -1,7 +1,7 @@
 """CoOp trained on all 1,000 ImageNet classes (16 shots, ViT-B/16, M=4 from "a photo of a"), evaluated on the other 10 datasets with their own class names.
 
   python launch.py --config configs/coop/xd_coop_vit_b16.py \
-      --config.clip.weights=weights/ViT-B-16.pt --config.data.root=data \
+      --config.model.weights=weights/ViT-B-16.pt --config.data.root=data \
       --workdir runs/coop/xd_coop
 
 Paper (CoCoOp Table 2, ViT-B/16, source ImageNet 16 shots):

@@ -1,7 +1,7 @@
 """Zero-shot CLIP RN50 with the dataset's hand-written template (arg: dataset).
 
   python launch.py --config configs/coop/zeroshot_rn50.py:caltech101 \
-      --config.clip.weights=weights/RN50.pt --config.data.root=data \
+      --config.model.weights=weights/RN50.pt --config.data.root=data \
       --workdir runs/coop/zeroshot_rn50_caltech101
 
 Paper (CoOp, RN50, M=16, end, unified; mean of seeds 1-3; zero-shot CLIP first):

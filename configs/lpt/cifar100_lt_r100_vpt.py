@@ -1,7 +1,7 @@
 """VPT-deep on CIFAR-100-LT, imbalance ratio 100.
 
   python launch.py --config configs/lpt/cifar100_lt_r100_vpt.py \
-      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.model.weights=weights/vit_b16_in21k.npz \
       --config.data.root=data/cifar-100-python \
       --workdir runs/cifar100_lt_r100_vpt
 

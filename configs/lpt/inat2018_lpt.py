@@ -1,7 +1,7 @@
 """LPT on iNaturalist 2018, ViT-B/16 IN-21k.
 
   python launch.py --config configs/lpt/inat2018_lpt.py \
-      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.model.weights=weights/vit_b16_in21k.npz \
       --config.data.root=data/inat2018 --config.data.train_file=data/inat2018/train2018.json \
       --config.data.test_file=data/inat2018/val2018.json \
       --workdir runs/inat2018_lpt

@@ -1,7 +1,7 @@
 """Linear probe on Places-LT with balanced sampling: LPT's phase-1 recipe without prompts or A-GCL.
 
   python launch.py --config configs/lpt/places_lt_linear_balanced.py \
-      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.model.weights=weights/vit_b16_in21k.npz \
       --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
       --workdir runs/places_lt_linear_balanced
 

@@ -1,7 +1,7 @@
 """LPT on Places-LT, ViT-B/16 IN-21k (phase 1 then phase 2).
 
   python launch.py --config configs/lpt/places_lt_lpt.py \
-      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.model.weights=weights/vit_b16_in21k.npz \
       --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
       --workdir runs/places_lt_lpt
 

@@ -1,7 +1,7 @@
 """VPT-deep on Places-LT without balanced sampling (linear head, CE).
 
   python launch.py --config configs/lpt/places_lt_vpt.py \
-      --config.model.vit_weights=weights/vit_b16_in21k.npz \
+      --config.model.weights=weights/vit_b16_in21k.npz \
       --config.data.root=data/places365 --config.data.lists_dir=data/Places_LT \
       --workdir runs/places_lt_vpt
 

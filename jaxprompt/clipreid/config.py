@@ -64,10 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     veri_keypoint_train / veri_keypoint_test  viewpoint files ('' = inside the VeRi folder)
     vehicleid_test_size  800 | 1600 | 2400;  vehicleid_trials  random gallery draws (10)
   model:
-    clip_weights  OpenAI/open_clip checkpoint (any file load_clip reads), or '' with
-    tiny_random   enabled=True: a small CLIP built in code, random init from `seed` (tests,
-                  demos): vision 'vit'|'resnet', width, layers, heads, patch_size, rn_layers,
-                  embed_dim, text_width, text_heads, text_layers (context 77, full vocabulary)
+    weights       OpenAI/open_clip checkpoint (any file load_clip reads), or '' with
+    tiny_random   True: a small CLIP built in code from `tiny` (tests, demos)
+    tiny          seed (random init), vision 'vit'|'resnet', width, layers, heads,
+                  patch_size, rn_layers, embed_dim, text_width, text_heads, text_layers
+                  (context 77, full vocabulary)
     stride        ViT patch-embedding stride: 16, or 12 for OLP (ViT only)
     last_stride   ModifiedResNet layer4 stride (1, the ReID change; RN only)
     sie_camera / sie_view / sie_coe   SIE on the class token (ViT only), coefficient lambda
@@ -82,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
                   evaluated by 'eval' / 'extract' in place of this workdir's checkpoints
                   (training stages refuse to run with it); the tower comes from the file,
                   built for data.size / stride / last_stride / SIE of this config, and
-                  clip_weights is not needed (only the image side is used)
+                  model.weights is not needed (only the image side is used)
   loss:
     id_weight (0.25 ViT, 1.0 RN / baseline), triplet_weight 1, i2t_weight 1,
     label_smoothing 0.1 (0 = plain CE; VehicleID RN and VehicleID baselines), margin 0.3
@@ -123,12 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
       vehicleid_trials=10))
 
   c.model = ml_collections.ConfigDict(dict(
-      clip_weights="", stride=16, last_stride=1, sie_camera=False, sie_view=False,
+      weights="", stride=16, last_stride=1, sie_camera=False, sie_view=False,
       sie_coe=3.0,
       sie_clamp=False,  # True: out-of-table SIE indices use the last row instead of raising
       trained_params="", released_checkpoint=""))
-  c.model.tiny_random = ml_collections.ConfigDict(dict(
-      enabled=False, seed=0, vision="vit", width=32, layers=2, heads=2, patch_size=8,
+  c.model.tiny_random = False  # True: the small CLIP of `model.tiny` instead of weights
+  c.model.tiny = ml_collections.ConfigDict(dict(
+      seed=0, vision="vit", width=32, layers=2, heads=2, patch_size=8,
       rn_layers=[1, 1, 1, 1], embed_dim=32, text_width=32, text_heads=2, text_layers=1))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -170,15 +172,15 @@ def _dataset_key(dataset: str) -> str:
 
 def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
                  variant: str = "clipreid", root: str = "",
-                 clip_weights: str = "") -> ml_collections.ConfigDict:
+                 weights: str = "") -> ml_collections.ConfigDict:
   """The reference recipe for one (dataset, backbone, variant) row (Syliz517/CLIP-ReID
   configs/*/*_clipreid.yml and the baselines' configs).
 
   dataset: market1501 | msmt17 | dukemtmc | occ_duke | veri | vehicleid (VehicleID,
     'VeRi-776' etc. accepted); backbone: vit_b16 | rn50; variant: clipreid | sie_olp (ViT:
     camera SIE with lambda 1.0, plus view SIE on VeRi, patch stride 12) | baseline (image
-    tower fine-tuned with ID + triplet only). `root` / `clip_weights` fill data.root and
-    model.clip_weights (both can be set from the command line instead).
+    tower fine-tuned with ID + triplet only). `root` / `weights` fill data.root and
+    model.weights (both can be set from the command line instead).
   """
   ds, bb = _dataset_key(dataset), backbone.lower().replace("-", "_").replace("/", "")
   bb = {"vitb16": "vit_b16", "vit_b_16": "vit_b16", "vit_b16": "vit_b16", "rn50": "rn50"}.get(bb, bb)
@@ -196,7 +198,7 @@ def paper_config(dataset: str = "market1501", backbone: str = "vit_b16",
   c.variant, c.backbone = variant, bb
   c.data.name, c.data.root = ds, root
   c.data.size = (256, 256) if vehicle else (256, 128)
-  c.model.clip_weights = clip_weights
+  c.model.weights = weights
 
   # Stage 1 (SOLVER.STAGE1 of Syliz517/CLIP-ReID configs/*/*_clipreid.yml): 120 epochs for
   # person ViT, 60 otherwise; batch 256 on VehicleID.
@@ -256,9 +258,9 @@ def _validate(config) -> None:
     if config.model.trained_params:
       raise ValueError("set only one of model.released_checkpoint and model.trained_params")
     return  # the tower comes from the released file
-  if not config.model.clip_weights and not config.model.tiny_random.enabled:
-    raise ValueError("set model.clip_weights to a CLIP checkpoint (e.g. ViT-B-16.pt / RN50.pt) "
-                     "or model.tiny_random.enabled=True")
+  if not config.model.weights and not config.model.tiny_random:
+    raise ValueError("set model.weights to a CLIP checkpoint (e.g. ViT-B-16.pt / RN50.pt) "
+                     "or model.tiny_random=True")
 
 
 def tiny(config: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigDict:
@@ -274,10 +276,10 @@ def tiny(config: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigD
   c.data.size = (32, 16)
   c.data.workers = 2
   c.data.num_instances = 2
-  t = c.model.tiny_random
-  t.enabled = True
+  c.model.tiny_random = True
+  t = c.model.tiny
   t.vision = "vit" if _is_vit(c) else "resnet"
-  c.model.clip_weights = ""
+  c.model.weights = ""
   c.model.stride = min(int(c.model.stride), 8)
   c.model.sie_view = False
   for s in (c.stage1, c.stage2):
@@ -305,13 +307,13 @@ def validate_config(config) -> None:
   v.size_hw(config, "data.size")
   v.positive(config, "data.num_instances")
   v.integer(config, "data.workers", minimum=0)
-  for field in ("data.veri_keypoint_train", "data.veri_keypoint_test", "model.clip_weights",
+  for field in ("data.veri_keypoint_train", "data.veri_keypoint_test", "model.weights",
                 "model.released_checkpoint", "model.trained_params"):
     v.existing_path(config, field, kind="file")
   v.positive(config, "model.stride")
   v.positive(config, "model.last_stride")
   v.number(config, "model.sie_coe")
-  v.one_of(config, "model.tiny_random.vision", ("vit", "resnet"))
+  v.one_of(config, "model.tiny.vision", ("vit", "resnet"))
   v.precision(config, "precision")
   v.integer(config, "seed")
   for stage in (("stage2",) if _baseline(config) else ("stage1", "stage2")):

@@ -24,11 +24,11 @@ from jaxprompt.models.clip import CLIP, CLIPConfig
 
 
 def tiny_clip_config(config) -> CLIPConfig:
-  """The small CLIP of `model.tiny_random`, built for `data.size` and the stride options."""
-  t = config.model.tiny_random
+  """The small CLIP of `model.tiny`, built for `data.size` and the stride options."""
+  t = config.model.tiny
   vit = t.vision == "vit"
   if vit != _is_vit(config):
-    raise ValueError(f"model.tiny_random.vision={t.vision!r} does not match "
+    raise ValueError(f"model.tiny.vision={t.vision!r} does not match "
                      f"backbone={config.backbone!r}")
   base = CLIPConfig(
       embed_dim=t.embed_dim, vision="vit" if vit else "resnet", vision_width=t.width,
@@ -43,15 +43,15 @@ def tiny_clip_config(config) -> CLIPConfig:
 
 
 def load_backbone(config) -> tuple[CLIP, dict]:
-  """(CLIP model, host variables) from `model.clip_weights` or `model.tiny_random`."""
+  """(CLIP model, host variables) from `model.weights` or `model.tiny_random`."""
   dtype = precision.compute_dtype(config.precision)
-  if config.model.clip_weights:
+  if config.model.weights:
     kw = (dict(patch_stride=int(config.model.stride)) if _is_vit(config)
           else dict(last_stride=int(config.model.last_stride)))
-    model, variables = load_clip(config.model.clip_weights, image_size=tuple(config.data.size),
-                                 dtype=dtype, field="model.clip_weights", **kw)
+    model, variables = load_clip(config.model.weights, image_size=tuple(config.data.size),
+                                 dtype=dtype, field="model.weights", **kw)
     if (model.config.vision == "vit") != _is_vit(config):
-      raise ValueError(f"{config.model.clip_weights} holds a {model.config.vision} image tower "
+      raise ValueError(f"{config.model.weights} holds a {model.config.vision} image tower "
                        f"but backbone={config.backbone!r}")
     return model, jax.device_get(variables)
   cfg = tiny_clip_config(config)
@@ -62,7 +62,7 @@ def load_backbone(config) -> tuple[CLIP, dict]:
   def init(rng):
     return model.init(rng, jnp.zeros((1, h, w, 3)), jnp.zeros((1, 77), jnp.int32))
 
-  variables = jax.device_get(init(jax.random.key(int(config.model.tiny_random.seed))))
+  variables = jax.device_get(init(jax.random.key(int(config.model.tiny.seed))))
   return model, {k: dict(v) for k, v in variables.items()}
 
 
@@ -175,8 +175,8 @@ class Context:
 
   def clip_source(self) -> str:
     m = self.config.model
-    return (m.released_checkpoint or m.clip_weights
-            or f"tiny_random(seed={m.tiny_random.seed})")
+    return (m.released_checkpoint or m.weights
+            or f"tiny_random(seed={m.tiny.seed})")
 
   def sie_spec(self, num_views: Optional[int] = None) -> SIESpec:
     m = self.config.model

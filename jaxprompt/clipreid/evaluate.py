@@ -235,7 +235,7 @@ def run_extract(ctx: Context) -> dict:
   released = bool(ctx.config.model.released_checkpoint)
   if x.source == "pretrained" and released:
     raise ValueError("extract.source='pretrained' embeds with the CLIP tower before "
-                     "fine-tuning: unset model.released_checkpoint and set model.clip_weights, "
+                     "fine-tuning: unset model.released_checkpoint and set model.weights, "
                      "or use extract.source='trained' for the released model")
   if x.source == "pretrained":
     _, variables = ctx.clip

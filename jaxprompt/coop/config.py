@@ -26,16 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "coop"
   c.protocol = "fewshot"
   c.backbone = "RN50"           # informational; the architecture comes from the weights
-  c.clip = ml_collections.ConfigDict(dict(
+  c.precision = "float32"       # compute dtype of the frozen towers ('bfloat16' on GPU/TPU)
+  c.model = ml_collections.ConfigDict(dict(
       weights="",               # OpenAI/open_clip checkpoint (.pt, .npz, .safetensors)
       image_size=224,
-      precision="float32",      # compute dtype of the frozen towers ('bfloat16' on GPU/TPU)
+      # The authors' released prompt learner, evaluated instead of training; '{seed}' is
+      # replaced by the seed: .../seed{seed}/prompt_learner/model.pth.tar-50
+      released_checkpoint="",
   ))
   c.prompt = ml_collections.ConfigDict(dict(
       n_ctx=16, ctx_init="", csc=False, class_token_position="end"))
   c.data = ml_collections.ConfigDict(dict(
       name="caltech101", root="", shots=16, classnames_file="",
-      batch_size=32, test_batch_size=100, workers=4,
+      batch_size=32, workers=4,
       crop_scale=(0.08, 1.0)))  # RandomResizedCrop's area range (Dassl's default)
   c.seeds = (1, 2, 3)
   # Training stage: SGD 0.002, momentum 0.9, coupled weight decay 5e-4, one constant warmup
@@ -52,13 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every_steps = 500
   c.train.log_every_steps = 20
   c.eval = ml_collections.ConfigDict(dict(
+      batch_size=100,           # test images per batch
       targets=(),               # transfer: dataset names evaluated with their class names
       chunk=0,                  # classes per text-encoder chunk (0: all at once)
       remat=False,              # recompute each chunk's text pass in the backward pass
       train_chunk=0,
-  ))
-  c.released = ml_collections.ConfigDict(dict(
-      path="",                  # '{seed}' is replaced by the seed: .../seed{seed}/prompt_learner/model.pth.tar-50
   ))
   c.ensemble = False           # zero-shot: the ImageNet prompt ensemble instead of one template
   c.linear_probe = ml_collections.ConfigDict(dict(max_iter=1000, search_steps=8))
@@ -123,16 +124,16 @@ def validate_config(config) -> None:
   v.existing_path(config, "data.classnames_file", kind="file")
   v.integer(config, "data.shots", minimum=0)
   v.positive(config, "data.batch_size")
-  v.positive(config, "data.test_batch_size")
+  v.positive(config, "eval.batch_size")
   v.integer(config, "data.workers", minimum=0)
-  v.positive(config, "clip.image_size")
-  v.precision(config, "clip.precision")
+  v.positive(config, "model.image_size")
+  v.precision(config, "precision")
   v.integer(config, "prompt.n_ctx", minimum=0)
   v.one_of(config, "prompt.class_token_position", model_lib.POSITIONS)
   seeds = v.sequence(config, "seeds", item=lambda s: isinstance(s, int) and not isinstance(s, bool))
   if not seeds:
     raise validate.ConfigError("seeds must hold at least one integer seed, got ()")
-  if config.method in ("coop", "cocoop") and not config.released.path:
+  if config.method in ("coop", "cocoop") and not config.model.released_checkpoint:
     v.stage_fields(config, "train")
   v.integer(config, "eval.chunk", minimum=0)
-  v.existing_path(config, "clip.weights", kind="file", required=True)
+  v.existing_path(config, "model.weights", kind="file", required=True)

@@ -124,10 +124,10 @@ def pretrain(steps: int = 300, batch: int = 64, seed: int = 0, lr: float = 2e-3)
 def demo_config(root: str, method: str, protocol: str = "base2new"):
   c = config_lib.base_config()
   c.method, c.protocol = method, protocol
-  c.clip.image_size = SIZE
+  c.model.image_size = SIZE
   c.data.name, c.data.root = "folder", root
   c.data.shots, c.data.workers = 8, 0
-  c.data.test_batch_size = 96
+  c.eval.batch_size = 96
   c.data.crop_scale = (1.0, 1.0)  # whole 32-px images (flip only): crops cut the shapes away
   c.seeds = (1,)
   c.prompt.ctx_init, c.prompt.n_ctx = "a photo of a", 4

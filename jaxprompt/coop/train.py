@@ -17,7 +17,7 @@ Stages (`--stage`), per seed under `workdir/seed<S>/`:
 3. `table`: mean and population std over seeds, H from the mean base and new, printed beside
    the paper's numbers; `results.json`.
 
-With `config.released.path` the authors' released prompt learner replaces stage 1.
+With `config.model.released_checkpoint` the authors' released prompt learner replaces stage 1.
 """
 from __future__ import annotations
 
@@ -94,12 +94,12 @@ def spec_of(config) -> M.PromptSpec:
 
 
 def load_model(config):
-  if not config.clip.weights:
-    raise ValueError("config.clip.weights: path of an OpenAI/open_clip CLIP checkpoint is required")
-  model, variables = load_clip(config.clip.weights, field="clip.weights")
+  if not config.model.weights:
+    raise ValueError("config.model.weights: path of an OpenAI/open_clip CLIP checkpoint is required")
+  model, variables = load_clip(config.model.weights, field="model.weights")
   native = model.config.input_size
-  if tuple(native) != (config.clip.image_size,) * 2:
-    raise ValueError(f"config.clip.image_size={config.clip.image_size} must equal the CLIP input "
+  if tuple(native) != (config.model.image_size,) * 2:
+    raise ValueError(f"config.model.image_size={config.model.image_size} must equal the CLIP input "
                      f"resolution {native} (the reference asserts it)")
   return model, variables
 
@@ -161,12 +161,12 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
   if n == 0:
     raise ValueError(f"dataset {config.data.name!r}: empty training set")
   bs = train_batch_size(n, int(config.data.batch_size))
-  loader = Loader(splits.train, data_lib.make_decode(True, config.clip.image_size,
+  loader = Loader(splits.train, data_lib.make_decode(True, config.model.image_size,
                                                     tuple(config.data.crop_scale)),
                   ShuffleSampler(n, seed), bs, seed=seed, workers=int(config.data.workers))
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.seed = seeds.stage_seed(seed, "train")  # the stage's own PRNG stream (prompt init)
-  cfg.precision = config.clip.precision
+  cfg.precision = config.precision
   mesh = None
   n_dev = jax.device_count()
   if not cfg.get("mesh") and not cfg.get("fsdp") and bs % n_dev:
@@ -178,12 +178,12 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                              rules=optim.rules_from_config(config.train.rules, "train.rules"),
                              loader=loader, mesh=mesh,
                              make_tx=make_tx(cfg, loader.steps_per_epoch(0)),
-                             frozen_source=str(config.clip.weights))
+                             frozen_source=str(config.model.weights))
   return jax.device_get(result.state["params"]["prompt"])
 
 
 def released_prompt(config, seed: int, clip_model, classnames) -> dict:
-  path = str(config.released.path).replace("{seed}", str(seed))
+  path = str(config.model.released_checkpoint).replace("{seed}", str(seed))
   spec = spec_of(config)
   # The reference's run folders name the setting, e.g. nctx16_cscFalse_ctpend.
   m = re.search(r"nctx(\d+)_csc(True|False)_ctp(end|middle|front)", path)
@@ -194,7 +194,7 @@ def released_prompt(config, seed: int, clip_model, classnames) -> dict:
     raise ValueError(f"{path}: trained with csc={m.group(2)}, config.prompt.csc={spec.csc}")
   return released_lib.load(path, spec, width=clip_model.config.text_width,
                            num_classes=len(classnames), image_dim=clip_model.config.embed_dim,
-                           field="released.path")
+                           field="model.released_checkpoint")
 
 
 def final_prompt(config, seed_dir: str) -> dict:
@@ -207,7 +207,7 @@ def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dic
   """Stage 2 for one seed: {row: top-1 %}."""
   spec = spec_of(config) if prompt is not None else None
   out = {}
-  kw = dict(batch_size=int(config.data.test_batch_size), image_size=int(config.clip.image_size),
+  kw = dict(batch_size=int(config.eval.batch_size), image_size=int(config.model.image_size),
             workers=int(config.data.workers))
   for row, (items, names) in eval_sets(config, seed, splits).items():
     if config.method == "zeroshot":
@@ -227,7 +227,7 @@ def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dic
 
 
 def linear_probe_seed(config, seed, clip_model, clip_vars, splits) -> dict:
-  kw = dict(batch_size=int(config.data.test_batch_size), image_size=int(config.clip.image_size))
+  kw = dict(batch_size=int(config.eval.batch_size), image_size=int(config.model.image_size))
   feats = [zeroshot.features(clip_model, clip_vars, s, **kw)
            for s in (splits.train, splits.val, splits.test)]
   res = zeroshot.linear_probe(*feats, max_iter=int(config.linear_probe.max_iter),
@@ -242,7 +242,7 @@ def linear_probe_seed(config, seed, clip_model, clip_vars, splits) -> dict:
 def run(config, workdir: str, stage: Optional[str] = None, *, clip=None) -> dict:
   """All stages (or one) over `config.seeds`; returns {'per_seed', 'summary', 'table'}.
 
-  `clip=(model, variables)` uses an in-memory CLIP instead of `config.clip.weights`.
+  `clip=(model, variables)` uses an in-memory CLIP instead of `config.model.weights`.
   """
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -268,7 +268,7 @@ def run(config, workdir: str, stage: Optional[str] = None, *, clip=None) -> dict
     # --- Stage 1: train the prompt (or take the released one) -------------------------------
     prompt = None
     if config.method in ("coop", "cocoop"):
-      if config.released.path:
+      if config.model.released_checkpoint:
         prompt = released_prompt(config, seed, clip_model, splits.classnames)
       elif stage in (None, "train"):
         prompt = train_prompt(config, seed, seed_dir, clip_model, clip_vars, splits)

@@ -201,9 +201,9 @@ def write_untrained_params(c, path: str) -> str:
   """The randomly initialised CLIP that stage 2 starts from, as a full params file."""
   from jaxprompt.convert.io import flatten, write_arrays
   from jaxprompt.clipreid import train as clipreid
-  if c.model.clip_weights:
+  if c.model.weights:
     raise ValueError("the 'before' evaluation is for the tiny random CLIP; with "
-                     "model.clip_weights, evaluate the pretrained tower with --stage extract")
+                     "model.weights, evaluate the pretrained tower with --stage extract")
   _, variables = clipreid.load_backbone(c)
   tree = {"params": {"img": variables["params"]["img"]}}
   if "batch_stats" in variables:
@@ -238,12 +238,12 @@ def cls_config(sub, config, paths: Paths) -> ml_collections.ConfigDict:
   """An LPT/linear sub-config with empty data and weight fields pointed at the demo files."""
   c = sub.copy_and_resolve_references()
   d = c.data
-  if d.dataset == "list" and not d.train_file:
+  if d.name == "list" and not d.train_file:
     d.root = paths.digits
     d.train_file = os.path.join(paths.digits, "train.txt")
     d.test_file = os.path.join(paths.digits, "test.txt")
-  if not c.model.tiny_random and not c.model.vit_weights:
-    c.model.vit_weights = paths.vit
+  if not c.model.tiny_random and not c.model.weights:
+    c.model.weights = paths.vit
   return c
 
 

@@ -86,8 +86,8 @@ def parse_dataset(dataset: str, imbalance_ratio: Optional[int] = None) -> tuple[
 
 
 def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = None,
-                 vit_weights: str = "", tiny_random: Optional[Mapping[str, int]] = None,
-                 data_root: str = "", image_size: Optional[int] = None,
+                 weights: str = "", tiny_random: Optional[Mapping[str, int]] = None,
+                 root: str = "", image_size: Optional[int] = None,
                  batch_size: Optional[int] = None, epochs: Optional[int] = None,
                  phase1_epochs: Optional[int] = None, phase2_epochs: Optional[int] = None,
                  seed: int = 42, balanced: bool = False) -> ml_collections.ConfigDict:
@@ -99,13 +99,13 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
       (generated long-tailed arrays, for tests and demos).
     method: 'lpt' (pipeline 'lpt': phase1, phase2, eval), 'vpt_deep',
       'vpt_shallow' or 'linear' (pipeline 'vpt': train, eval).
-    vit_weights: timm state dict or AugReg `.npz` of the tower (LPT: AugReg
+    weights: timm state dict or AugReg `.npz` of the tower (LPT: AugReg
       ViT-B/16 IN-21k, `B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz`);
       also a pretrained tiny ViT in either layout.
     tiny_random: instead of weights, a random tower {width, depth, heads, mlp_dim,
       patch, seed} (keys optional; defaults width 64, depth 4, heads 1, mlp 128,
       patch 4, seed 0).
-    data_root: dataset root (see `base_config` data.*).
+    root: dataset root (see `base_config` data.*).
     image_size / batch_size / epochs: override the recipe (epochs sets every
       training stage; phase1_epochs / phase2_epochs set one). The learning rate
       is rescaled linearly with the batch (base lr at 256).
@@ -139,11 +139,11 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
     c.data.sampling = "class_aware"
     c.recipe_notes += (" Balanced row: class-balanced (class-aware, 4 per class) sampling "
                        "instead of instance-balanced; everything else VPT's recipe.")
-  c.data.dataset = name
-  c.data.root = data_root
+  c.data.name = name
+  c.data.root = root
   c.data.imbalance_ratio = ratio or 100
-  if vit_weights:
-    c.model.vit_weights = vit_weights
+  if weights:
+    c.model.weights = weights
   if tiny_random is not None:
     c.model.tiny_random = True
     for k, v in dict(tiny_random).items():
@@ -154,7 +154,7 @@ def paper_config(dataset: str, method: str, *, imbalance_ratio: Optional[int] = 
     c.model.image_size = int(image_size)
   bs = int(batch_size or c.data.batch_size)
   c.data.batch_size = bs
-  c.data.eval_batch_size = min(c.data.eval_batch_size, max(bs, 8))
+  c.eval.batch_size = min(c.eval.batch_size, max(bs, 8))
   notes = [c.recipe_notes]
   if name == "cifar100_lt":
     notes.append(f"CIFAR-100-LT ratio {ratio}: the reference gives no per-dataset recipe; "
@@ -185,7 +185,7 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   Top level: pipeline ('lpt' | 'vpt'), method, seed, precision ('float32' |
   'bfloat16'), fsdp (0 data parallel, n / -1 fsdp axis), recipe_notes (provenance).
   model.*: tower and prompts. data.*: dataset, sampling, transforms, batches.
-  loss.*: A-GCL / CE constants. eval.*: buckets, checkpoints, plots, prediction.
+  loss.*: A-GCL / CE constants. eval.*: batch size, buckets, checkpoints, plots, prediction.
   phase1 / phase2 (LPT) or train (VPT): trainer stage configs.
   """
   if method not in lpt_model.METHODS:
@@ -214,10 +214,10 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
        "Resize(256) + RandomCrop(224)."))
 
   m = ml_collections.ConfigDict()
-  m.vit_weights = ""          # timm .pth/.safetensors or AugReg/big_vision .npz
+  m.weights = ""              # timm .pth/.safetensors or AugReg/big_vision .npz
   m.tiny_random = False       # build a random tower from model.tiny instead of weights
   m.released_checkpoint = ""  # LPT: the authors' LPT_places.pth, evaluated by --stage eval
-                              # instead of this workdir's checkpoints (vit_weights unused)
+                              # instead of this workdir's checkpoints (model.weights unused)
   m.tiny = ml_collections.ConfigDict(dict(width=64, depth=4, heads=1, mlp_dim=128, patch=4,
                                           seed=0))
   m.image_size = 224          # input side; the position embedding is resized to it
@@ -236,7 +236,7 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   c.model = m
 
   d = ml_collections.ConfigDict()
-  d.dataset = "places_lt"     # places_lt | cifar100_lt | inat2018 | list | synthetic
+  d.name = "places_lt"        # places_lt | cifar100_lt | inat2018 | list | synthetic
   d.root = ""                 # places: Places365 root; cifar: folder with cifar-100-python
                               # (or TFDS data_dir); inat/list: image root
   d.lists_dir = ""            # places: folder of Places_LT_{train,test}.txt (default root)
@@ -255,7 +255,6 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   d.crop_scale = (0.08, 1.0)  # RandomResizedCrop scale range
   # VPT: configs/base-prompt.yaml (128) and configs/base-linear.yaml (1024).
   d.batch_size = 256 if lpt else (1024 if method == "linear" else 128)
-  d.eval_batch_size = 256
   d.sampling = "dual" if lpt else "instance"  # dual | instance | class_aware
   d.num_samples_cls = 4       # class-aware: images per visited class
   d.ib_start_weight = 0.5     # dual: w_e = start * (E - e) / E
@@ -278,6 +277,7 @@ def base_config(method: str = "lpt", *, seed: int = 42) -> ml_collections.Config
   c.loss = lo
 
   ev = ml_collections.ConfigDict()
+  ev.batch_size = 256                 # test / prediction images per batch
   ev.convention = "lpt"               # shot buckets: 'lpt' (few <= 20) or 'oltr' (few < 20)
   ev.stages = ("phase1", "phase2") if lpt else ("train",)  # finished stages to evaluate
   ev.fused = True                     # LPT: share the first blocks of the two passes
@@ -317,17 +317,17 @@ def lpt_stage_config(seed_ref, precision_ref, fsdp_ref) -> ml_collections.Config
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` (any row) shrunk to run in seconds: a tiny random ViT on the generated
-  long-tailed set (`data.dataset='synthetic'`, 16x16 images), 8-image batches, 2 steps per
+  long-tailed set (`data.name='synthetic'`, 16x16 images), 8-image batches, 2 steps per
   stage. Method, sampling, head, loss and rules are kept; the prompt pool is shrunk to fit
   the 4-block tower."""
   c = config.copy_and_resolve_references()
-  c.data.dataset, c.data.root = "synthetic", ""
+  c.data.name, c.data.root = "synthetic", ""
   c.data.batch_size = 8
-  c.data.eval_batch_size = 16
+  c.eval.batch_size = 16
   c.data.workers = 2
   c.data.resize = 0
   c.model.tiny_random = True
-  c.model.vit_weights = ""
+  c.model.weights = ""
   c.model.image_size = 16
   c.model.prompt_length = 2
   c.model.pool_size = 4
@@ -349,17 +349,17 @@ def validate_config(config) -> None:
   its field (`launch.py` calls this before any work starts)."""
   v = validate
   v.one_of(config, "method", lpt_model.METHODS)
-  v.one_of(config, "data.dataset", DATASETS, key=lambda d: parse_dataset(d)[0])
+  v.one_of(config, "data.name", DATASETS, key=lambda d: parse_dataset(d)[0])
   v.existing_path(config, "data.root", kind="dir")
   for field in ("data.lists_dir",):
     v.existing_path(config, field, kind="dir")
-  for field in ("data.train_file", "data.test_file", "model.vit_weights",
+  for field in ("data.train_file", "data.test_file", "model.weights",
                 "model.released_checkpoint"):
     v.existing_path(config, field, kind="file")
   v.existing_path(config, "eval.predict_dir", kind="dir")
   v.one_of(config, "data.sampling", ("dual", "instance", "class_aware"))
   v.positive(config, "data.batch_size")
-  v.positive(config, "data.eval_batch_size")
+  v.positive(config, "eval.batch_size")
   v.positive(config, "data.num_samples_cls")
   v.integer(config, "data.workers", minimum=0)
   v.integer(config, "data.resize", minimum=0)

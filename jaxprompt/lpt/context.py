@@ -73,15 +73,15 @@ EXPECTED_TOWER = (
 
 
 def build_vit(config) -> tuple[ViT, dict]:
-  """The frozen tower: `model.vit_weights` (timm or AugReg layout) or `model.tiny_random`."""
+  """The frozen tower: `model.weights` (timm or AugReg layout) or `model.tiny_random`."""
   m = config.model
   if m.tiny_random:
     return tiny_vit(m.tiny, int(m.image_size), ln_eps=float(m.ln_eps), exact_gelu=m.exact_gelu)
-  if not m.vit_weights:
-    raise ValueError("set model.vit_weights (a timm or AugReg ViT file) or model.tiny_random")
-  model, variables = load_vit(m.vit_weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
+  if not m.weights:
+    raise ValueError("set model.weights (a timm or AugReg ViT file) or model.tiny_random")
+  model, variables = load_vit(m.weights, image_size=int(m.image_size), ln_eps=float(m.ln_eps),
                               exact_gelu=bool(m.exact_gelu), expected=EXPECTED_TOWER,
-                              field="model.vit_weights")
+                              field="model.weights")
   return model.img, jax.device_get(variables["params"]["img"])
 
 
@@ -289,11 +289,11 @@ class Context:
       self.vit, self.img_params = build_vit(config)
       self.train, self.test = load_datasets(config)
       self.vit_source = (f"tiny_random({dict(config.model.tiny)})" if config.model.tiny_random
-                         else str(config.model.vit_weights))
+                         else str(config.model.weights))
     self.counts = self.train.class_counts()
     self.spec = prompt_spec(config, self.train.num_classes)
     logging.info("dataset %s: %d train / %d test images, %d classes (counts %d..%d)",
-                 config.data.dataset, len(self.train), len(self.test), self.train.num_classes,
+                 config.data.name, len(self.train), len(self.test), self.train.num_classes,
                  int(self.counts.max()), int(self.counts.min()))
 
   def init_params(self) -> dict:

@@ -332,13 +332,13 @@ def synthetic_lt(num_classes: int = 10, image_size: int = 16, max_count: int = 6
 
 def load_datasets(config, *, check_train_files: bool = True
                   ) -> tuple[LTDataset, LTDataset]:
-  """(train, test) for `data.dataset`.
+  """(train, test) for `data.name`.
 
   `check_train_files=False` reads the train labels without checking that the images
   exist (evaluation needs only the class counts).
   """
   d = config.data
-  name = d.dataset
+  name = d.name
   check = bool(d.check_files)
   check_train = check and check_train_files
   if name == "synthetic":

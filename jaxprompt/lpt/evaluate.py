@@ -214,7 +214,7 @@ def evaluate(config, out_dir: str, predict, params, test: longtail.LTDataset,
   per-class accuracy, plots and `results.json` in `out_dir` (plus the `extra` fields)."""
   d = config.data
   res = run_predict(predict, params, test.records, decode_fn(config, train=False),
-                    int(d.eval_batch_size), int(d.workers), desc=f"eval {name}")
+                    int(config.eval.batch_size), int(d.workers), desc=f"eval {name}")
   labels = test.labels
   conv = config.eval.convention
   acc = shot_accuracy(res["pred"], labels, train_counts, conv)
@@ -260,7 +260,7 @@ def predict_folder(config, predict, params, folder: str, output: str,
     x = lpt_test_transform(data_files.load_image(path), size, resize, mean=tuple(d.mean), std=tuple(d.std))
     return {"image": np.ascontiguousarray(x)}
 
-  res = run_predict(predict, params, paths, decode, int(d.eval_batch_size), int(d.workers),
+  res = run_predict(predict, params, paths, decode, int(config.eval.batch_size), int(d.workers),
                     desc=f"predict {folder}")
   rows = [(os.path.relpath(p, folder), int(c)) for p, c in zip(paths, res["pred"])]
   if jax.process_index() == 0:
@@ -304,7 +304,7 @@ def make_select_best(setup: Context, workdir: str, stage: str, phase: int):
   def on_epoch_end(epoch: int, state: dict, frozen) -> dict:
     params = optim.merge(state["params"], frozen)
     res = run_predict(predict, params, setup.test.records, decode,
-                      int(config.data.eval_batch_size), int(config.data.workers))
+                      int(config.eval.batch_size), int(config.data.workers))
     acc = 100.0 * float(np.mean(res["pred"] == setup.test.labels))
     best = read_best(workdir, stage) or {"epoch": -1, "overall": -1.0, "history": []}
     history = list(best["history"])[:epoch] + [acc]

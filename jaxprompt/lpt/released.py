@@ -148,8 +148,8 @@ def check_released(config, info: Mapping[str, Any], num_classes: int) -> None:
     raise ValueError(f"{path} does not fit this config: set " + "; ".join(wrong))
   if int(info["num_classes"]) != int(num_classes):
     hint = (f"set data.num_classes={info['num_classes']} if the lists use that many labels"
-            if config.data.dataset == "list" else
-            "set data.dataset (and data.root / data.lists_dir) to the dataset it was trained on")
+            if config.data.name == "list" else
+            "set data.name (and data.root / data.lists_dir) to the dataset it was trained on")
     raise ValueError(
-        f"{path} classifies {info['num_classes']} classes but data.dataset="
-        f"{config.data.dataset!r} has {num_classes}: {hint}")
+        f"{path} classifies {info['num_classes']} classes but data.name="
+        f"{config.data.name!r} has {num_classes}: {hint}")
