@@ -244,6 +244,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # An old field name fails in the locked config with a bare "not found": name the new one.
+  from jaxprompt.renamed import hint as _renamed_hint
+  _renamed = _renamed_hint(sys.argv[1:])
+  if _renamed:
+    print(f"error: {_renamed}", file=sys.stderr, flush=True)
+    sys.exit(2)
   # Let JAX options be set from the command line too (e.g. --jax_platforms=cpu).
   import jax
   jax.config.parse_flags_with_absl()
