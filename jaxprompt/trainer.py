@@ -53,6 +53,7 @@ from jaxprompt import metrics as metrics_lib
 from jaxprompt import optim
 from jaxprompt import precision
 from jaxprompt import sharding as shd
+from jaxprompt.data.loader import prefetch_to_device
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
@@ -136,6 +137,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.resume = ""               # explicit checkpoint dir to start from when this stage has none
   c.progress = True
+  c.prefetch = 2              # batches put on the devices ahead of the running step (0: none)
   return c
 
 
@@ -425,8 +427,12 @@ class _Stage:
         if self.batch_idx >= n_in_epoch:  # an epoch with fewer batches than the saved position
           self.epoch, self.batch_idx = self.epoch + 1, 0
           continue
-        for local in loader.iterate(self.epoch, self.batch_idx):
-          self.state, m = step_fn(self.state, self.frozen, shd.global_batch(local, mesh), base_rng)
+        # Host -> device copies of the next batches overlap the running step; the position
+        # saved in checkpoints counts consumed batches only, so prefetching never skips one.
+        batches = prefetch_to_device(loader.iterate(self.epoch, self.batch_idx),
+                                     int(get("prefetch") or 0), shd.batch_sharding(mesh))
+        for batch in batches:
+          self.state, m = step_fn(self.state, self.frozen, batch, base_rng)
           self.step += 1
           self.batch_idx += 1
           if self.batch_idx == n_in_epoch:
