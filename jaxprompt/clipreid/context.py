@@ -23,6 +23,15 @@ from jaxprompt.data.loader import Loader, PaddedSequentialSampler
 from jaxprompt.models.clip import CLIP, CLIPConfig
 
 
+def save_cache(path: str, **arrays: np.ndarray) -> None:
+  """Atomic `.npz` of cached features, from process 0 (a killed run never leaves half a file)."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def tiny_clip_config(config) -> CLIPConfig:
   """The small CLIP of `model.tiny`, built for `data.size` and the stride options."""
   t = config.model.tiny

@@ -50,15 +50,13 @@ from jaxprompt.clipreid import losses as reid_losses
 from jaxprompt.clipreid import model as clipreid
 from jaxprompt.clipreid.config import (STAGE1_DEFAULT_RULES, _baseline, _validate,  # noqa: F401
                                        base_config, paper_config, validate_config)
-from jaxprompt.clipreid.context import Context, SIESpec, load_backbone, tiny_clip_config  # noqa: F401
+from jaxprompt.clipreid.context import (Context, SIESpec, load_backbone, save_cache,  # noqa: F401
+                                        tiny_clip_config)
 from jaxprompt.clipreid.evaluate import run_eval, run_extract
 from jaxprompt.clipreid.samplers import IdentitySampler, RandomSampler
 from jaxprompt.data.loader import Loader
 from jaxprompt.models.clip import CLIP
 from jaxprompt.optim import Rule
-
-
-
 
 # ============================================================================ stage 1
 
@@ -69,15 +67,6 @@ STAGE1_RULES = optim.rules_from_config(STAGE1_DEFAULT_RULES)
 def stage_rules(stage_cfg) -> list[tuple[str, Rule]]:
   """The stage's `rules` field as [(regex, Rule)]."""
   return optim.rules_from_config(stage_cfg.rules, "rules")
-
-
-def _save_cache(path: str, **arrays: np.ndarray) -> None:
-  """Atomic `.npz` of cached features, from process 0 (a killed run never leaves half a file)."""
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +93,7 @@ def stage1_cache(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
   logging.info("stage1: computing image features of %d train images", len(ds.train))
   feats = fn(fn.place(v), ds.train, ctx.decode(False),
              desc=f"stage1: image features of {len(ds.train)} train images").astype(np.float32)
-  _save_cache(path, features=feats, pids=pids, paths=paths)
+  save_cache(path, features=feats, pids=pids, paths=paths)
   return feats, pids
 
 
@@ -354,7 +343,7 @@ def stage2_text_cache(ctx: Context, cls_ctx: np.ndarray) -> np.ndarray:
                                       template)
   feats = text_features_all(model, variables["params"]["txt"], prompt, cls_ctx,
                             chunk=int(ctx.config.stage2.batch_size))
-  _save_cache(path, features=feats, cls_ctx=cls_ctx, template=np.asarray(template),
+  save_cache(path, features=feats, cls_ctx=cls_ctx, template=np.asarray(template),
               txt_fingerprint=txt_fp)
   return feats
 
