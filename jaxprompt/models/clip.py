@@ -407,4 +407,4 @@ def init_shapes(config: CLIPConfig) -> dict:
 
 
 __all__ = ["CLIP", "CLIPConfig", "VisionTransformer", "ModifiedResNet", "TextTransformer",
-           "load_clip", "init_shapes"]
+           "init_shapes"]
