@@ -19,20 +19,24 @@ evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
   24 colour-shape classes, then zero-shot CLIP, CoOp and CoCoOp (4 tokens from "a photo of
   a", 8 shots) on fresh images, 12 base and 12 new classes (`jaxprompt/coop/demo.py`).
 
-Before the text-prompt part was added, measured on 2 CPU cores: 3m47s (data + pretraining 1m12s, CLIP-ReID 1m17s, LPT + linear
-1m14s). It printed (mAP / R1 / R5 and accuracies in %):
+A fresh clone's run on 2 CPU cores (shared with other work at the time) took 9m30s
+(data + pretraining 1m52s, CLIP-ReID 3m11s, LPT + linear 3m10s, text prompts 1m18s) and
+printed (mAP / R1 / R5 and accuracies in %; the README says what it shows and what not):
 
-| task      | model                              |  mAP |   R1 |   R5 | overall | many | medium |  few |
-|-----------|------------------------------------|-----:|-----:|-----:|--------:|-----:|-------:|-----:|
-| ReID      | CLIP-ReID, untrained (random init) |  2.8 |  0.0 |  1.5 |         |      |        |      |
-| ReID      | CLIP-ReID, stage 1 + stage 2       | 40.4 | 37.9 | 71.2 |         |      |        |      |
-| LT digits | linear probe (frozen ViT)          |      |      |      |    44.0 | 90.0 |   47.5 | 17.5 |
-| LT digits | LPT phase 1 (shared prompt)        |      |      |      |    49.0 | 70.0 |   41.2 | 46.2 |
-| LT digits | LPT phase 2 (shared + group)       |      |      |      |    52.5 | 77.5 |   41.2 | 51.2 |
+| task      | model                               |  mAP |   R1 |   R5 | overall | many | medium |  few | base |  new |    H |
+|-----------|-------------------------------------|-----:|-----:|-----:|--------:|-----:|-------:|-----:|-----:|-----:|-----:|
+| ReID      | CLIP-ReID, untrained (random init)  |  2.8 |  0.0 |  1.5 |         |      |        |      |      |      |      |
+| ReID      | CLIP-ReID, stage 1 + stage 2        | 40.2 | 39.4 | 81.8 |         |      |        |      |      |      |      |
+| LT digits | linear probe (frozen ViT)           |      |      |      |    48.5 | 92.5 |   58.8 | 16.2 |      |      |      |
+| LT digits | LPT phase 1 (shared prompt)         |      |      |      |    35.5 | 67.5 |   22.5 | 32.5 |      |      |      |
+| LT digits | LPT phase 2 (shared + group)        |      |      |      |    39.5 | 70.0 |   28.7 | 35.0 |      |      |      |
+| shapes    | zero-shot CLIP ('a photo of a {}.') |      |      |      |         |      |        |      | 30.6 | 39.6 | 34.5 |
+| shapes    | CoOp (4 context tokens)             |      |      |      |         |      |        |      | 33.3 | 37.5 | 35.3 |
+| shapes    | CoCoOp (4 tokens + Meta-Net)        |      |      |      |         |      |        |      | 20.8 | 15.3 | 17.6 |
 
 The untrained model scores about chance level (random ranking of a ~320-image gallery).
 
-Sizes: the argument after ':' picks `full` (default) or `small` (about 2m15s; the test).
+Sizes: the argument after ':' picks `full` (default) or `small` (the test).
 Any field can be overridden, e.g. `--config.clipreid.stage2.total_epochs=80` or
 `--config.lpt.phase2.optimizer.lr=0.05`; empty data / weight fields of the sub-configs are
 filled with what the `data` stage wrote. Tuple fields take tuples, e.g.
