@@ -4,7 +4,7 @@
       --config.model.weights=weights/RN50.pt --config.data.root=data \
       --workdir runs/coop/fewshot_rn50_csc_end_caltech101_16
 
-The paper reports this variant in its few-shot figure only (curves, no table); the table of
+Paper: this variant is in the few-shot figure only (curves, no table); the table of
 the unified / end variant, for comparison, is in configs/coop/fewshot_rn50_end.py.
 
 Epochs follow KaiyangZhou/CoOp COOP.md: 1 shot 50, 2/4 shots 100, 8/16 shots 200, ImageNet 50.
