@@ -18,7 +18,6 @@ from typing import Optional
 
 import jax
 
-from jaxprompt.lpt import model as lpt_model
 from jaxprompt import optim
 from jaxprompt.lpt import config as config_lib
 from jaxprompt.lpt import context
@@ -46,28 +45,19 @@ def get_config(arg: Optional[str] = None):
   return paper_config(dataset, method or "vpt_deep")
 
 
-def make_forward(setup: context.Context):
-  spec = setup.spec
-
-  def forward(params, images, rng):
-    return {"logits": lpt_model.classifier_forward(setup.vit, params, images, spec, rng=rng)}
-  return forward
-
-
 def run(config, workdir: str, stage: Optional[str] = None) -> dict:
   """train -> eval; `stage` runs (or resumes) only that one."""
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; this pipeline has {STAGES}")
   if config.method not in METHODS:
     raise ValueError(f"pipeline 'vpt' runs {METHODS}, not {config.method!r} (LPT: 'lpt')")
-  setup = context.Context(config)
-  context.log_counts(workdir, setup.init_params(), setup.spec)
+  setup = context.open_run(config, workdir)
   results = {}
 
   # Train: prompts (if any) and head; the tower frozen.
   if stage in (None, "train"):
     results["train"] = context.train_stage(
-        setup, workdir, "train", forward=make_forward(setup),
+        setup, workdir, "train", forward=context.classifier_forward(setup),
         rules=optim.rules_from_config(config.train.rules, "train.rules"),
         init=lambda rng: (setup.init_params(), {}),
         on_epoch_end=evaluate.select_hook(setup, workdir, "train", phase=1))

@@ -307,6 +307,22 @@ class Context:
 Setup = Context
 
 
+def open_run(config, workdir: str) -> Context:
+  """The run's context, its trainable counts logged and written to `param_counts.json`."""
+  setup = Context(config)
+  log_counts(workdir, setup.init_params(), setup.spec)
+  return setup
+
+
+def classifier_forward(setup: Context) -> ForwardFn:
+  """Prompts (if any) -> frozen tower -> head: LPT phase 1, VPT and the linear probe."""
+  spec = setup.spec
+
+  def forward(params, images, rng):
+    return {"logits": lpt_model.classifier_forward(setup.vit, params, images, spec, rng=rng)}
+  return forward
+
+
 def train_stage(setup: Context, workdir: str, stage: str, *, rules, forward: ForwardFn,
                 init, seed_offset: int = 0, frozen_source: str = "", resume_init=None,
                 carry: Sequence[str] = (), on_epoch_end: Optional[Callable] = None):

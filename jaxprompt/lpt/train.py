@@ -59,12 +59,8 @@ def get_config(arg: Optional[str] = None):
   return paper_config(arg or "places_lt", "lpt")
 
 
-def phase1_forward(setup: context.Context):
-  spec = setup.spec
-
-  def forward(params, images, rng):
-    return {"logits": lpt_model.classifier_forward(setup.vit, params, images, spec, rng=rng)}
-  return forward
+# Phase 1 is the plain prompted classifier (shared prompts + head), as VPT's.
+phase1_forward = context.classifier_forward
 
 
 def phase2_forward(setup: context.Context):
@@ -94,8 +90,7 @@ def run(config, workdir: str, stage: Optional[str] = None) -> dict:
     raise ValueError(
         f"model.released_checkpoint is set ({released}): it can only be evaluated; run with "
         "--stage eval, or unset it to train" + ("" if stage is None else f" (got --stage {stage})"))
-  setup = context.Context(config)
-  context.log_counts(workdir, setup.init_params(), setup.spec)
+  setup = context.open_run(config, workdir)
   results = {}
 
   # Phase 1: shared prompts + head; everything else frozen (group prompts and keys
