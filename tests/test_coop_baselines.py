@@ -58,6 +58,39 @@ def test_linear_probe_search():
     zeroshot.linear_probe(make(4), (np.zeros((0, 8)), np.zeros(0)), make(2))
 
 
+def test_linear_probe_search_hand_worked(monkeypatch):
+  """The C search of KaiyangZhou/CoOp lpclip/linear_probe.py on a classifier whose val
+  accuracy falls with |log10 C - log10 3|: the grid peaks at C=1, then the bisection visits
+  (0.1, 10) -> 10, (1, 10) -> 1, (1, sqrt 10) -> sqrt 10; each fit is on the train split
+  only, with lbfgs and max_iter."""
+  import sklearn.linear_model  # pylint: disable=import-outside-toplevel
+  fits = []
+
+  class Fake:
+    def __init__(self, solver, max_iter, C):  # noqa: N803 (sklearn's name)
+      assert solver == "lbfgs" and max_iter == 77
+      self.c = C
+
+    def fit(self, x, y):
+      fits.append((self.c, len(x)))
+      return self
+
+    def predict(self, x):  # right on the first k of 100 rows, k falling with the distance
+      k = int(round(100 - 20 * abs(np.log10(self.c) - np.log10(3.0))))
+      return np.where(np.arange(len(x)) < k, 0, 1)
+
+  monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", Fake)
+  train_split = (np.zeros((5, 2)), np.zeros(5))
+  val = test = (np.zeros((100, 2)), np.zeros(100))
+  res = zeroshot.linear_probe(train_split, val, test, max_iter=77, search_steps=3)
+  visited = [c for c, _ in fits]
+  np.testing.assert_allclose(visited[:7], [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6])
+  np.testing.assert_allclose(visited[7:], [0.1, 10, 1, 10, 1, 10 ** 0.5], rtol=1e-12)
+  assert all(n == 5 for _, n in fits)
+  assert res["C"] == pytest.approx(10 ** 0.5, rel=1e-12)
+  assert res["acc"] == pytest.approx(100 - 20 * abs(0.5 - np.log10(3.0)), abs=1.0)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "coop", "*.py"))))
 def test_paper_configs(path):
   spec = importlib.util.spec_from_file_location("cfg", path)
