@@ -105,3 +105,19 @@ def test_paper_configs(path):
   if c.method in ("coop", "cocoop"):
     assert c.train.optimizer.name == "sgd" and c.train.optimizer.weight_decay == 5e-4
     assert c.train.optimizer.hparams.momentum == 0.9 and c.train.warmup_lr == 1e-5
+
+
+def test_robustness_rows_match_their_docstring_table():
+  import runpy  # pylint: disable=import-outside-toplevel
+  path = os.path.join(ROOT, "configs", "coop", "dg_coop_robustness.py")
+  mod = runpy.run_path(path)
+  table = mod["__doc__"].split("Paper")[1].splitlines()[2:7]
+  for line in table:
+    backbone, m, *accs = line.split()
+    c = mod["get_config"](f"{backbone},{m}")
+    assert (c.backbone, c.prompt.n_ctx, c.protocol) == (backbone, int(m), "transfer")
+    assert c.prompt.ctx_init == ("a photo of a" if m == "4" else "")
+    assert c.train.total_epochs == 50 and c.data.shots == 16 and c.data.name == "imagenet"
+    assert c.paper.to_dict() == dict(zip(["imagenet", *c.eval.targets], map(float, accs)))
+  with pytest.raises(ValueError, match="backbone must be one of"):
+    mod["get_config"]("RN18,16")
