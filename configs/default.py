@@ -136,10 +136,10 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
   c.lpt = _cls("lpt", size)
   c.linear = _cls("linear", size)
   # CoOp / CoCoOp on a tiny CLIP pretrained on generated captions (jaxprompt/coop/demo.py);
-  # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline.
-  # 250 pretraining steps, not more: the pretraining captions are the zero-shot template, so a
-  # longer-trained CLIP leaves the learned prompts less to gain (at 400 steps CoOp and CoCoOp
-  # fell below zero-shot on the base classes).
+  # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline. The pretraining
+  # captions come in six styles, none of them the zero-shot template 'a photo of a {}.', so
+  # the hand-written prompt is a guess that the learned context improves on (with the template
+  # as the only caption the hand prompt was already the best text and CoOp gained nothing).
   c.coop = ml_collections.ConfigDict(dict(
       pretrain_steps=250, per_class_test=6 if small else 12, seed=1,
       pretrain_seed=0))

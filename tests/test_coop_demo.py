@@ -2,6 +2,9 @@
 zero-shot / CoOp / CoCoOp each give a base, new and H row."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from jaxprompt.coop import demo
 from jaxprompt.coop import evaluate
 
@@ -18,3 +21,8 @@ def test_demo_rows(tmp_path):
   _, variables, loss = demo._load_or_pretrain(str(tmp_path / "clip.npz"), 250, 0)
   assert loss == out["pretrain_loss"]
   assert variables["params"]["txt"]["token_embedding"].shape[-1] == 64
+  # ...with exactly the model's leaves (an extra one would change the frozen-weights
+  # fingerprint the resumed stages compare against).
+  shapes = jax.eval_shape(demo.CLIP(demo.tiny_config()).init, jax.random.key(0),
+                          jnp.zeros((1, demo.SIZE, demo.SIZE, 3)), jnp.zeros((1, 8), jnp.int32))
+  assert jax.tree.structure(shapes["params"]) == jax.tree.structure(variables["params"])

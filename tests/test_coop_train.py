@@ -131,16 +131,10 @@ def _config(data_root, method, weights=""):
   from jaxprompt.coop import config as C  # pylint: disable=import-outside-toplevel
   c = C.base_config()
   c.method, c.protocol = method, "base2new"
-  c.model.weights, c.model.image_size = weights, 32
-  c.data.name, c.data.root, c.data.shots, c.data.workers = "folder", data_root, 4, 0
-  c.data.batch_size, c.eval.batch_size = 4, 16
-  c.seeds = (1,)
-  c.prompt.n_ctx = 2
-  c.train.total_epochs = 8
+  c = C.tiny(c, data_root, weights)
+  c.train.total_steps, c.train.total_epochs = 0, 8  # several checkpoints for the resume test
   c.train.optimizer.lr = 0.05
   c.train.ckpt_every_steps = 2
-  c.train.async_checkpoints = False
-  c.train.progress = False
   return c
 
 
@@ -280,3 +274,40 @@ def test_released_prompt_evaluates_through_the_pipeline(e2e):
   cfg.prompt.ctx_init, cfg.prompt.n_ctx = "", 8
   with pytest.raises(ValueError, match="context length 4"):
     train.run(cfg, str(tmp / "released_run2"), stage="eval")
+
+
+@pytest.mark.parametrize("row", ["configs/coop/base2new_cocoop_vit_b16.py",
+                                 "configs/coop/fewshot_rn50_csc_middle.py"])
+def test_paper_config_tiny_runs(e2e, row, tmp_path):
+  import runpy  # pylint: disable=import-outside-toplevel
+  from jaxprompt.coop import config as C  # pylint: disable=import-outside-toplevel
+  tmp, weights = e2e
+  c = C.tiny(runpy.run_path(os.path.join(ROOT, row))["get_config"](), str(tmp / "data"), weights)
+  out = train.run(c, str(tmp_path / "run"))
+  seed_dir = str(tmp_path / "run" / "seed1")
+  assert train.ckpt_lib.final_step(train.ckpt_lib.checkpoint_dir(seed_dir, "train")) == 2
+  params, _ = train.ckpt_lib.read_params(seed_dir, "train")
+  assert ("meta_net" in params["prompt"]) == (c.method == "cocoop")
+  assert set(out["summary"]) == ({"base", "new", "H"} if c.protocol == "base2new" else {"acc"})
+
+
+def test_rerun_is_silent_and_changed_weights_warn(e2e, tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  tmp, weights = e2e
+  cfg = _config(str(tmp / "data"), "coop", weights)
+  cfg.train.total_steps = 2
+  work = str(tmp_path / "run")
+  train.run(cfg, work, stage="train")
+  msg = "frozen weights differ"
+  with caplog.at_level(logging.WARNING):
+    train.run(cfg, work, stage="train")  # the finished stage is restored, not retrained
+  assert msg not in caplog.text
+  with np.load(weights) as z:
+    arrays = dict(z)
+  arrays["ln_final.weight"] = arrays["ln_final.weight"] + 0.5
+  other = str(tmp_path / "other_clip.npz")
+  np.savez(other, **arrays)
+  cfg.model.weights = other
+  with caplog.at_level(logging.WARNING):
+    train.run(cfg, work, stage="train")
+  assert msg in caplog.text

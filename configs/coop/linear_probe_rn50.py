@@ -15,5 +15,6 @@ def get_config(arg: str = "caltech101,16"):
   dataset, shots = arg.split(",") if "," in arg else (arg, "16")
   c = coop_config.base_config()
   c.method, c.data.name, c.data.shots = "linear_probe", dataset, int(shots)
+  c.seeds = tuple(range(1, 11))  # lpclip/linear_probe.py averages 10 runs (--num_run 10)
   c.paper = {"acc": 55.87} if (dataset, int(shots)) == ("imagenet", 16) else {}
   return c

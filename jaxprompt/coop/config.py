@@ -14,6 +14,7 @@ import ml_collections
 
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import model as model_lib
+from jaxprompt.coop import paper
 from jaxprompt.coop.shared import trainer, validate
 
 # Only the prompt learner trains (`prompt/ctx`, CoCoOp's `prompt/meta_net/...`); CLIP is frozen.
@@ -103,7 +104,58 @@ def base2new(method: str, dataset: str) -> ml_collections.ConfigDict:
   return c
 
 
-__all__ = ["base_config", "coop_rn50_fewshot", "base2new"]
+BACKBONES = ("RN50", "RN101", "ViT-B/32", "ViT-B/16")
+
+
+def coop_robustness(backbone: str = "RN50", n_ctx: int = 16) -> ml_collections.ConfigDict:
+  """CoOp's robustness table: trained on ImageNet (16 shots, 50 epochs, batch 32), evaluated
+  on ImageNet-V2, -Sketch, -A and -R with their class names. M=16 is random init; M=4 starts
+  from "a photo of a" (KaiyangZhou/CoOp scripts/coop/main.sh, eval.sh)."""
+  if backbone not in BACKBONES:
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+  if int(n_ctx) not in (4, 16):
+    raise ValueError(f"n_ctx must be 16 (random init) or 4 ('a photo of a'), got {n_ctx!r}")
+  c = coop_rn50_fewshot("imagenet", 16)
+  c.protocol, c.backbone = "transfer", backbone
+  if int(n_ctx) == 4:
+    c.prompt.ctx_init = "a photo of a"
+  c.prompt.n_ctx = int(n_ctx)
+  c.eval.targets = paper.DG_TARGETS
+  c.paper = paper.robustness(backbone, int(n_ctx))
+  return c
+
+
+def tiny(config: ml_collections.ConfigDict, root: str, weights: str) -> ml_collections.ConfigDict:
+  """`config` (any row) shrunk to run in seconds on a folder-per-class set `root`
+  (`root/train/<class>/`, `root/test/<class>/`, e.g. what `jaxprompt.coop.demo.write_folder`
+  writes) with the CLIP checkpoint `weights` at 32x32 input: 4 shots, 4-image batches,
+  2 context tokens unless an init phrase fixes them, 2 epochs stopped after 2 steps.
+
+  Method, protocol, prompt layout (CSC, class-token position, init phrase), optimizer and
+  schedule shape are kept; transfer targets are dropped (the folder set has none).
+  """
+  c = config.copy_and_resolve_references()
+  c.model.weights, c.model.image_size, c.model.released_checkpoint = weights, 32, ""
+  c.data.name, c.data.root, c.data.classnames_file = "folder", root, ""
+  c.data.shots, c.data.batch_size, c.data.workers = 4, 4, 0
+  c.eval.batch_size, c.eval.targets = 16, ()
+  c.eval.chunk = min(int(c.eval.chunk), 2)
+  c.eval.train_chunk = min(int(c.eval.train_chunk), 2)
+  if c.protocol == "transfer":
+    c.protocol = "fewshot"
+  c.seeds = (1,)
+  c.prompt.n_ctx = 2
+  t = c.train
+  t.total_epochs = 2   # the per-epoch schedule needs an epoch count; total_steps cuts it short
+  t.total_steps = 2
+  t.log_every_steps = 1
+  t.ckpt_every_steps = 0
+  t.progress = False
+  t.async_checkpoints = False
+  return c
+
+
+__all__ = ["base_config", "coop_rn50_fewshot", "base2new", "coop_robustness", "tiny"]
 
 
 def validate_config(config) -> None:

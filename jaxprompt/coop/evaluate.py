@@ -38,14 +38,16 @@ def predict_loader(items: Sequence[data_lib.Datum], batch_size: int, image_size:
 
 def top1(score_fn: Callable[[jax.Array], jax.Array], items: Sequence[data_lib.Datum], *,
          batch_size: int = 100, image_size: int = 224, workers: int = 0,
-         desc: str = "") -> float:
-  """Top-1 accuracy in percent of `score_fn(images) -> (B, C)` over every item."""
+         desc: str = "", progress: bool = True) -> float:
+  """Top-1 accuracy in percent of `score_fn(images) -> (B, C)` over every item (with a
+  progress bar unless `progress` is False)."""
   if not items:
     raise ValueError("top1: empty evaluation set")
   loader = predict_loader(items, batch_size, image_size, workers)
   correct, seen = 0, 0
   for batch in metrics_lib.progress(loader.iterate(0), total=loader.steps_per_epoch(0),
-                                   desc=desc or f"eval: {len(items)} images"):
+                                   desc=desc or f"eval: {len(items)} images",
+                                   enabled=None if progress else False):
     pred = np.asarray(jnp.argmax(score_fn(jnp.asarray(batch["image"])), -1))
     n = min(len(pred), len(items) - seen)  # padded rows at the end are dropped
     correct += int((pred[:n] == batch["label"][:n]).sum())

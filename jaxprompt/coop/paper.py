@@ -40,6 +40,17 @@ TRANSFER = {
                  "imagenet_a": 47.77, "imagenet_r": 73.96},
 }
 
+# (backbone, M) -> CoOp on ImageNet, -V2, -Sketch, -A, -R (CoOp IJCV Table 1, robustness to
+# distribution shift; source ImageNet 16 shots; M=16 random init, M=4 from "a photo of a")
+DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+ROBUSTNESS = {
+    ("RN50", 16): (62.95, 55.11, 32.74, 22.12, 54.96),
+    ("RN50", 4): (63.33, 55.40, 34.67, 23.06, 56.60),
+    ("ViT-B/32", 16): (66.85, 58.08, 40.44, 30.62, 64.45),
+    ("ViT-B/16", 16): (71.92, 64.18, 46.71, 48.41, 74.32),
+    ("ViT-B/16", 4): (71.73, 64.56, 47.89, 49.93, 77.32),
+}
+
 # dataset -> (zero-shot RN50, CoOp 1, 2, 4, 8, 16 shots)
 FEWSHOT_RN50 = {
     "imagenet": (58.18, 57.15, 57.81, 59.99, 61.56, 62.95),
@@ -75,3 +86,9 @@ def fewshot(method: str, dataset: str, shots: int) -> dict:
 def transfer(method: str, targets) -> dict:
   t = TRANSFER.get(method, {})
   return {k: t[k] for k in ("imagenet", *targets) if k in t}
+
+
+def robustness(backbone: str, n_ctx: int) -> dict:
+  """CoOp's row of the robustness table ({} where the paper has none)."""
+  row = ROBUSTNESS.get((backbone, int(n_ctx)))
+  return dict(zip(("imagenet", *DG_TARGETS), row)) if row else {}

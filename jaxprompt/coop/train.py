@@ -203,8 +203,8 @@ def final_prompt(config, seed_dir: str) -> dict:
 
 
 def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dict],
-                  splits: data_lib.Splits) -> dict:
-  """Stage 2 for one seed: {row: top-1 %}."""
+                  splits: data_lib.Splits, *, quiet: bool = False) -> dict:
+  """Stage 2 for one seed: {row: top-1 %} (no progress bars when `quiet`)."""
   spec = spec_of(config) if prompt is not None else None
   out = {}
   kw = dict(batch_size=int(config.eval.batch_size), image_size=int(config.model.image_size),
@@ -221,7 +221,8 @@ def evaluate_seed(config, seed: int, clip_model, clip_vars, prompt: Optional[dic
       cp = M.build_class_prompts(names, spec)
       variables = {**clip_vars, "params": {**clip_vars["params"], "prompt": prompt}}
       score = evaluate.prompt_scorer(clip_model, variables, cp, chunk=int(config.eval.chunk))
-    out[row] = evaluate.top1(score, items, desc=f"seed {seed}: eval {row}", **kw)
+    out[row] = evaluate.top1(score, items, desc=f"seed {seed}: eval {row}", progress=not quiet,
+                             **kw)
     logging.info("seed %d: %s = %.2f", seed, row, out[row])
   return out
 
@@ -239,10 +240,13 @@ def linear_probe_seed(config, seed, clip_model, clip_vars, splits) -> dict:
 # ----------------------------------------------------------------------------- run
 
 
-def run(config, workdir: str, stage: Optional[str] = None, *, clip=None) -> dict:
+def run(config, workdir: str, stage: Optional[str] = None, *, clip=None,
+        quiet: bool = False) -> dict:
   """All stages (or one) over `config.seeds`; returns {'per_seed', 'summary', 'table'}.
 
   `clip=(model, variables)` uses an in-memory CLIP instead of `config.model.weights`.
+  `quiet` (a run inside a larger job) logs the table instead of printing it and shows no
+  evaluation progress bars; the caller reports the results.
   """
   if stage is not None and stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -280,7 +284,7 @@ def run(config, workdir: str, stage: Optional[str] = None, *, clip=None) -> dict
       else:
         if config.method in ("coop", "cocoop") and prompt is None:
           prompt = final_prompt(config, seed_dir)
-        res = evaluate_seed(config, seed, clip_model, clip_vars, prompt, splits)
+        res = evaluate_seed(config, seed, clip_model, clip_vars, prompt, splits, quiet=quiet)
       metrics_lib.write_json(eval_path, res)
     res = metrics_lib.read_json(eval_path)
     if res is not None:
@@ -295,7 +299,10 @@ def run(config, workdir: str, stage: Optional[str] = None, *, clip=None) -> dict
     table = evaluate.format_table({name: summary}, {name: paper},
                                   title=f"{config.method} {config.protocol} "
                                         f"({len(per_seed)} seeds) ours (paper)")
-    print(table, flush=True)
+    if quiet:
+      logging.info("\n%s", table)
+    else:
+      print(table, flush=True)
     metrics_lib.write_json(os.path.join(workdir, "results.json"),
                            dict(dataset=name, method=config.method, protocol=config.protocol,
                                 per_seed={str(k): v for k, v in per_seed.items()},
