@@ -11,11 +11,11 @@ evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
 * re-identification: a synthetic set in Market-1501's exact layout and naming (100 train /
   30 test identities, 6 cameras, 64x32 images) and CLIP-ReID with a tiny randomly initialised
   CLIP (ViT, width 64, 2 layers); the pipeline's eval on the random model ("untrained"),
-  then stage 1 (20 epochs) and stage 2 (30 epochs) and eval;
+  then stage 1 (40 epochs) and stage 2 (60 epochs) and eval;
 * long tail: scikit-learn's digits as a long-tailed set (150 .. 5 train images per class,
   imbalance 30; 20 test images per class), a tiny ViT (width 64, depth 4) pretrained for
-  600 steps on procedural glyphs and frozen, LPT phase 1 + phase 2 (20 epochs each) and a
-  linear probe (20 epochs) on it;
+  1000 steps on procedural glyphs and frozen, LPT phase 1 + phase 2 (40 epochs each) and a
+  linear probe (40 epochs) on it;
 * text prompts: a tiny CLIP pretrained contrastively for 250 steps on generated captions of
   24 colour-shape classes, then zero-shot CLIP, CoOp and CoCoOp (4 tokens from "a photo of
   a", 8 shots) on fresh images, 12 base and 12 new classes (`jaxprompt/coop/demo.py`).
@@ -41,7 +41,7 @@ Sizes: the argument after ':' picks `full` (default) or `small` (the test).
 Any field can be overridden, e.g. `--config.clipreid.stage2.total_epochs=80` or
 `--config.lpt.phase2.optimizer.lr=0.05`; empty data / weight fields of the sub-configs are
 filled with what the `data` stage wrote. Tuple fields take tuples, e.g.
-`--config.clipreid.stage2.lr_schedule.milestones='(15, 24)'`; `--config.seed=N` moves every
+`--config.clipreid.stage2.lr_schedule.milestones='(30, 45)'`; `--config.seed=N` moves every
 sub-seed of the job (data, pretraining, each pipeline's seed) by N.
 """
 from __future__ import annotations
@@ -78,14 +78,14 @@ def _clipreid(size: str, seed: ml_collections.FieldReference) -> ml_collections.
   c.data.workers = 2
   c.data.num_instances = 4
   c.stage1.batch_size = 64
-  c.stage1.total_epochs = 20
+  c.stage1.total_epochs = 20 if small else 40
   c.stage1.optimizer.lr = 3.5e-3
   c.stage1.lr_schedule.warmup_t = 2
   # A random tower needs far more than the paper's 5e-6 (which fine-tunes pretrained CLIP).
   c.stage2.batch_size = 64
-  c.stage2.total_epochs = 40 if small else 30
+  c.stage2.total_epochs = 40 if small else 60
   c.stage2.optimizer.lr = 3e-3
-  c.stage2.lr_schedule.milestones = (28, 36) if small else (20, 26)
+  c.stage2.lr_schedule.milestones = (28, 36) if small else (40, 52)
   c.stage2.lr_schedule.warmup_iters = 2
   for s in (c.stage1, c.stage2):
     s.log_every_steps = 5
@@ -100,7 +100,7 @@ def _cls(method: str, size: str, seed: ml_collections.FieldReference
          ) -> ml_collections.ConfigDict:
   """LPT or the linear probe on the digits list, the pretrained tiny ViT, demo schedule."""
   small = size == "small"
-  epochs = 20
+  epochs = 20 if small else 40
   c = lpt_config.paper_config("list", method, image_size=16, batch_size=64, epochs=epochs)
   c.get_ref("seed").set(_offset(seed, 42))
   c.data.num_classes = 10
@@ -146,7 +146,7 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
       imbalance=30.0, max_per_class=150, test_per_class=20, image_size=16,
       seed=_offset(seed, 0)))
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=500 if small else 600, seed=_offset(seed, 0), width=64, depth=4, heads=2,
+      steps=500 if small else 1000, seed=_offset(seed, 0), width=64, depth=4, heads=2,
       mlp_ratio=4, patch=4,
       image_size=16, batch_size=128, learning_rate=3e-3, weight_decay=0.05, warmup_steps=30,
       ln_eps=1e-5))  # LPT's tower uses torch's LayerNorm eps
