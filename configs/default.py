@@ -3,6 +3,7 @@
   python launch.py                                        # (make run) into workdir/default
   python launch.py --config configs/default.py:small      # the reduced size the tests use
   python launch.py --stage report                         # print the table again
+  python launch.py --config.seed=1                        # the whole job on another seed
 
 Offline, from self-built data, through the same readers, samplers, steps, checkpoints and
 evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
@@ -40,7 +41,8 @@ Sizes: the argument after ':' picks `full` (default) or `small` (the test).
 Any field can be overridden, e.g. `--config.clipreid.stage2.total_epochs=80` or
 `--config.lpt.phase2.optimizer.lr=0.05`; empty data / weight fields of the sub-configs are
 filled with what the `data` stage wrote. Tuple fields take tuples, e.g.
-`--config.clipreid.stage2.lr_schedule.milestones='(30, 45)'`.
+`--config.clipreid.stage2.lr_schedule.milestones='(30, 45)'`; `--config.seed=N` moves every
+sub-seed of the job (data, pretraining, each pipeline's seed) by N.
 """
 from __future__ import annotations
 
@@ -54,12 +56,20 @@ from jaxprompt.lpt import config as lpt_config
 SIZES = ("full", "small")
 
 
-def _clipreid(size: str) -> ml_collections.ConfigDict:
+def _offset(ref: ml_collections.FieldReference, base: int) -> ml_collections.FieldReference:
+  """`base` + the job's `seed`, lazily: `--config.seed=N` moves every sub-seed built with it."""
+  return ref + int(base)
+
+
+def _clipreid(size: str, seed: ml_collections.FieldReference) -> ml_collections.ConfigDict:
   """CLIP-ReID's Market-1501 recipe with a tiny random CLIP and a demo-sized schedule."""
   small = size == "small"
   c = clipreid.paper_config("market1501", "vit_b16", "clipreid")
+  # The stages' seeds reference the pipeline's `seed`: setting that reference moves them too.
+  c.get_ref("seed").set(_offset(seed, 1234))
   c.model.tiny_random = True
   t = c.model.tiny
+  t.seed = _offset(seed, 0)
   t.vision = "vit"
   t.width, t.layers, t.heads, t.patch_size = 64, 2, 4, 8
   t.embed_dim, t.text_width, t.text_heads, t.text_layers = 64, 32, 2, 1
@@ -86,11 +96,13 @@ def _clipreid(size: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _cls(method: str, size: str) -> ml_collections.ConfigDict:
+def _cls(method: str, size: str, seed: ml_collections.FieldReference
+         ) -> ml_collections.ConfigDict:
   """LPT or the linear probe on the digits list, the pretrained tiny ViT, demo schedule."""
   small = size == "small"
   epochs = 20 if small else 40
   c = lpt_config.paper_config("list", method, image_size=16, batch_size=64, epochs=epochs)
+  c.get_ref("seed").set(_offset(seed, 42))
   c.data.num_classes = 10
   c.data.workers = 2
   c.data.resize = 18
@@ -122,19 +134,25 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.pipeline = "default"
   c.size = size
+  # The job's seed: every sub-seed below is a fixed offset from it (data, pretraining, each
+  # pipeline's seed), so `--config.seed=N` reruns the whole job on another draw.
+  c.seed = 0
+  seed = c.get_ref("seed")
   c.reid_data = ml_collections.ConfigDict(dict(
       num_train_ids=60 if small else 100, num_test_ids=20 if small else 30, cams=6,
       images_per_id_cam=4, cams_per_id=(2, 4), num_distractors=12, num_junk=6,
-      size=(64, 32), seed=0))
+      size=(64, 32), seed=_offset(seed, 0)))
   c.digits = ml_collections.ConfigDict(dict(
-      imbalance=30.0, max_per_class=150, test_per_class=20, image_size=16, seed=0))
+      imbalance=30.0, max_per_class=150, test_per_class=20, image_size=16,
+      seed=_offset(seed, 0)))
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=500 if small else 1000, seed=0, width=64, depth=4, heads=2, mlp_ratio=4, patch=4,
+      steps=500 if small else 1000, seed=_offset(seed, 0), width=64, depth=4, heads=2,
+      mlp_ratio=4, patch=4,
       image_size=16, batch_size=128, learning_rate=3e-3, weight_decay=0.05, warmup_steps=30,
       ln_eps=1e-5))  # LPT's tower uses torch's LayerNorm eps
-  c.clipreid = _clipreid(size)
-  c.lpt = _cls("lpt", size)
-  c.linear = _cls("linear", size)
+  c.clipreid = _clipreid(size, seed)
+  c.lpt = _cls("lpt", size, seed)
+  c.linear = _cls("linear", size, seed)
   # CoOp / CoCoOp on a tiny CLIP pretrained on generated captions (jaxprompt/coop/demo.py);
   # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline. The pretraining
   # captions come in six styles, none of them the zero-shot template 'a photo of a {}.', so

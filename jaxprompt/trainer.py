@@ -39,7 +39,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +152,23 @@ def total_steps(loader, *, epochs: int = 0, steps: int = 0) -> int:
   if epochs:
     return sum(epoch_steps(loader, e) for e in range(int(epochs)))
   raise ValueError("a stage needs total_epochs or total_steps > 0")
+
+
+def stream_batches(loader, epoch: int, batch: int, steps: int) -> Iterator[Any]:
+  """`steps` batches of `loader` from position (epoch, batch) on, across epoch boundaries.
+
+  An epoch with fewer batches than `batch` (a resumed position past its end) is skipped.
+  """
+  left = int(steps)
+  while left > 0:
+    n = epoch_steps(loader, epoch)
+    if batch < n:
+      for item in loader.iterate(epoch, batch):
+        yield item
+        left -= 1
+        if left == 0:
+          return
+    epoch, batch = epoch + 1, 0
 
 
 def make_schedule(opt_cfg: Mapping, steps: int) -> optax.Schedule | float:
@@ -410,6 +427,12 @@ class _Stage:
 
   # ------------------------------------------------------------ the loop
 
+  def _wrap_epoch(self) -> None:
+    """The position moves to the next epoch once this one's batches are all consumed (or
+    when a resumed position lies past the end of a shorter epoch)."""
+    while self.batch_idx >= epoch_steps(self.loader, self.epoch):
+      self.epoch, self.batch_idx = self.epoch + 1, 0
+
   def train(self, sigterm: _SigtermFlag) -> None:
     """Steps until the stage's end, flushing metrics, saving and watching for SIGTERM."""
     get, stage, loader, mesh = self.get, self.stage, self.loader, self.mesh
@@ -421,22 +444,23 @@ class _Stage:
     n_steps, first_step = self.n_steps, self.step
     self.progress = metrics_lib.Progress(n_steps, self.step, loader.batch_size, desc=stage,
                                          enabled=self.is_main and bool(get("progress")))
+    # One stream of batches from the current position to the stage's end, across epoch
+    # boundaries: the next epoch's first batches are decoded and copied while the last
+    # steps of this one run. Host -> device copies of the next batches overlap the running
+    # step; the position saved in checkpoints counts consumed batches only, so prefetching
+    # never skips one.
+    if self.step < n_steps:
+      self._wrap_epoch()
+    batches = prefetch_to_device(
+        stream_batches(loader, self.epoch, self.batch_idx, n_steps - self.step),
+        int(get("prefetch") or 0), shd.batch_sharding(mesh))
     with jax.set_mesh(mesh):
-      while self.step < n_steps:
-        n_in_epoch = epoch_steps(loader, self.epoch)
-        if self.batch_idx >= n_in_epoch:  # an epoch with fewer batches than the saved position
-          self.epoch, self.batch_idx = self.epoch + 1, 0
-          continue
-        # Host -> device copies of the next batches overlap the running step; the position
-        # saved in checkpoints counts consumed batches only, so prefetching never skips one.
-        batches = prefetch_to_device(loader.iterate(self.epoch, self.batch_idx),
-                                     int(get("prefetch") or 0), shd.batch_sharding(mesh))
+      try:
         for batch in batches:
           self.state, m = step_fn(self.state, self.frozen, batch, base_rng)
           self.step += 1
           self.batch_idx += 1
-          if self.batch_idx == n_in_epoch:
-            self.epoch, self.batch_idx = self.epoch + 1, 0
+          self._wrap_epoch()
           self.pending.append((self.step, m))
           if self.step == first_step + 1:
             # Throughput is measured from the end of the compiled first step on.
@@ -451,13 +475,15 @@ class _Stage:
             self.save(wait=True)
             raise Preempted(f"SIGTERM: saved checkpoint at step {self.step} of stage {stage!r} "
                             f"in {self.ck.directory}; rerun the same command to resume")
-          if self.step >= n_steps or self.batch_idx == 0:
+          if self.batch_idx == 0 and self.on_epoch_end is not None:
+            extra = self.on_epoch_end(self.epoch - 1, self.state, self.frozen)
+            if extra:
+              self.last_eval = {k: float(v) for k, v in extra.items()}
+              self.writer.scalars(self.step, {f"eval/{k}": v for k, v in extra.items()})
+          if self.step >= n_steps:
             break
-        if self.batch_idx == 0 and self.on_epoch_end is not None:
-          extra = self.on_epoch_end(self.epoch - 1, self.state, self.frozen)
-          if extra:
-            self.last_eval = {k: float(v) for k, v in extra.items()}
-            self.writer.scalars(self.step, {f"eval/{k}": v for k, v in extra.items()})
+      finally:
+        batches.close()  # stops the decoding threads of an abandoned stream
     self.flush()
     self.timing = dict(steps=self.step - first_step,
                        seconds=time.perf_counter() - self.t_start,

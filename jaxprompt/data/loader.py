@@ -251,9 +251,14 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
 
   queue: collections.deque = collections.deque()
   it = iter(iterator)
-  for batch in it:
-    queue.append(put(batch))
-    if len(queue) > size:
+  try:
+    for batch in it:
+      queue.append(put(batch))
+      if len(queue) > size:
+        yield queue.popleft()
+    while queue:
       yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:  # an abandoned stream stops its source (and its decoding threads)
+      close()

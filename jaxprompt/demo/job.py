@@ -239,12 +239,14 @@ def run_coop(config, paths: Paths) -> dict:
   """Zero-shot CLIP, CoOp and CoCoOp (base / new / H) on the generated shapes."""
   from jaxprompt.coop import demo as coop_demo
   c = config.coop
+  # The job's `seed` offsets this part's two seeds as it offsets every other sub-seed.
+  shift = int(config.get("seed", 0))
   _say("coop: tiny CLIP pretraining, then zero-shot, CoOp and CoCoOp (base / new classes)")
   out = coop_demo.run(paths.coop, pretrain_steps=int(c.pretrain_steps),
-                      per_class_test=int(c.per_class_test), seed=int(c.seed),
-                      pretrain_seed=int(c.pretrain_seed))
+                      per_class_test=int(c.per_class_test), seed=int(c.seed) + shift,
+                      pretrain_seed=int(c.pretrain_seed) + shift)
   out = {"rows": out["rows"], "pretrain_loss": out["pretrain_loss"], "chance": out["chance"],
-         "seed": int(c.seed)}
+         "seed": int(c.seed) + shift}
   metrics_lib.write_json(os.path.join(paths.coop, "results.json"), out)
   return out
 
@@ -308,6 +310,8 @@ def validate_config(config) -> None:
   `validate_config` (errors name the full field, e.g. `clipreid.data.size`)."""
   from jaxprompt.clipreid import config as clipreid_config  # the job imports families lazily
   from jaxprompt.lpt import config as lpt_config
+  if "seed" in config:
+    validate.integer(config, "seed")
   for field in ("steps", "width", "depth", "heads", "mlp_ratio", "patch", "image_size",
                 "batch_size"):
     validate.positive(config, f"pretrain.{field}")

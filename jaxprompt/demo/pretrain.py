@@ -298,8 +298,10 @@ def pretrain_params(*, data: Optional[PretrainData] = None, steps: int = 600, se
   config = ViTConfig(patch=patch, width=width, depth=depth, heads=heads,
                      mlp_dim=mlp_ratio * width, grid=(g, g))
   model = Classifier(config, data.num_classes, ln_eps=ln_eps)
-  params = model.init(jax.random.PRNGKey(seed),
-                      jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  # Jitted: run eagerly, every op of the init would be compiled on its own (dozens).
+  params = jax.jit(lambda r: model.init(
+      r, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"])(
+          jax.random.PRNGKey(seed))
   warmup = min(warmup_steps, max(steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, 1), 0.0)
   # No weight decay on biases, LayerNorm scales, class token and position embedding.
@@ -307,7 +309,7 @@ def pretrain_params(*, data: Optional[PretrainData] = None, steps: int = 600, se
       lambda path, x: x.ndim >= 2 and path[-1].key not in ("cls_token", "pos_embed"), params)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)
 
   def loss_fn(p, x, y):
     logits = model.apply({"params": p}, x)
