@@ -34,16 +34,29 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 # The longest modules, longest first. With `pytest -n 2 --dist loadfile` (make test) files are
 # handed to the two workers in collection order, so these start at once instead of leaving
 # one worker busy on a long module after the other has run out of work.
-LONG_FIRST = (
+LONG_FIRST = (  # from `pytest --durations`, longest first
     "test_default_job.py",
+    "test_benchmarks.py",
     "test_clipreid_pipeline.py",
-    "test_launch.py",
-    "test_lpt_pipeline.py",
+    "test_faults.py",
+    "test_lpt_model.py",
+    "test_fidelity_lpt.py",
     "test_clipreid_pitfalls.py",
-    "test_sharding.py",
+    "test_launch.py",
+    "test_coop_demo.py",
+    "test_lpt_pipeline.py",
     "test_lpt_pitfalls.py",
+    "test_coop_train.py",
+    "test_coop_model.py",
+    "test_perf_paths.py",
+    "test_all_configs.py",
+    "test_demo_data.py",
+    "test_vit.py",
+    "test_precision.py",
     "test_release_eval.py",
+    "test_stage_resume.py",
     "test_release_converters.py",
+    "test_validate.py",
     "test_clip.py",
 )
 
