@@ -18,6 +18,7 @@ from PIL import Image
 
 from jaxprompt import optim
 from jaxprompt import trainer
+from jaxprompt.clipreid import config as clipreid_config
 from jaxprompt.clipreid import train as clipreid
 from jaxprompt.clipreid import context as reid_common
 
@@ -61,25 +62,15 @@ def make_market(root: str, train_ids=TRAIN_IDS, per_cam: int = 2) -> str:
 
 
 def tiny_config(root: str, vision: str = "vit", variant: str = "clipreid"):
-  """The paper recipe for Market-1501, shrunk: tiny random CLIP, 8-image batches."""
-  c = clipreid.paper_config("market1501", "vit_b16" if vision == "vit" else "rn50",
-                            variant, root=root)
-  c.model.tiny_random = True
-  c.model.tiny.vision = vision
-  c.model.stride = 8
-  c.data.size = (32, 16)
-  c.data.workers = 2
-  c.data.num_instances = 2
+  """The paper recipe for Market-1501 shrunk by `clipreid_config.tiny`, trained by epochs
+  (2 per stage)."""
+  c = clipreid_config.tiny(
+      clipreid.paper_config("market1501", "vit_b16" if vision == "vit" else "rn50", variant),
+      root)
   for s in (c.stage1, c.stage2):
-    s.batch_size = 8
+    s.total_steps = 0
     s.total_epochs = 2
-    s.progress = False
     s.log_every_steps = 2
-    s.ckpt_every_steps = 0
-    s.async_checkpoints = False
-  c.stage1.lr_schedule.warmup_t = 1
-  c.stage2.lr_schedule.warmup_iters = 1
-  c.eval.batch_size = 8
   c.eval.grid_queries = 2
   c.eval.grid_topk = 3
   return c
@@ -97,6 +88,7 @@ def _final_steps(workdir):
 
 def test_vit_sie_end_to_end_resume_extract_and_refusal(market, tmp_path, monkeypatch, capsys):
   cfg = tiny_config(market, "vit")
+  cfg.eval.plots = True
   cfg.model.sie_camera = True
   cfg.model.sie_coe = 1.0
   # The tiny set's test cameras (3, 4) are not train cameras: out of the 2-row table.

@@ -25,13 +25,11 @@ import pytest
 from jaxprompt import checkpoint as ckpt_lib, metrics, sharding as shd
 from jaxprompt.convert import io
 
+import launcher
 import toy_pipeline as toy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "toy_pipeline.py")
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+ROOT = launcher.ROOT
+DEVICES = 2
 # Two short stages (4 + 4 steps), metrics every step, checkpoints every 2 steps.
 SHORT = [f"--config.{s}.{k}={v}" for s in ("stage1", "stage2")
          for k, v in (("total_epochs", 0), ("total_steps", 4), ("log_every_steps", 1),
@@ -63,9 +61,7 @@ def _steps(ckdir):
 
 
 def _launch(workdir, *args):
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={CONFIG}",
-                           f"--workdir={workdir}", *args], cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return launcher.launch(workdir, *args, devices=DEVICES)
 
 
 def _finish(p, timeout=150):
@@ -252,7 +248,7 @@ def test_convert_cli_errors_are_one_line(tmp_path):
   bad.write_bytes(b"\x00" * 100)
   for src in (str(tmp_path / "missing.pt"), str(bad)):
     p = subprocess.run([sys.executable, "-m", "jaxprompt.convert", src, str(tmp_path / "o.npz")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=launcher.env(DEVICES, torch=True), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and src in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -260,10 +256,24 @@ def test_convert_cli_errors_are_one_line(tmp_path):
 
 # ------------------------------------------------------------------ items 6-9: the launcher
 
-def test_config_history_and_one_line_user_errors(tmp_path):
-  workdir = str(tmp_path)
-  rc, _, err = _finish(_launch(workdir, *SHORT))
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  """(workdir, stdout, stderr) of one successful SHORT run, read by two tests (each
+  works on its own copy of the workdir)."""
+  workdir = str(tmp_path_factory.mktemp("short") / "run")
+  rc, out, err = _finish(_launch(workdir, *SHORT))
   assert rc == 0, err[-3000:]
+  return workdir, out, err
+
+
+def _copy_run(short_run, dst) -> str:
+  workdir = str(dst)
+  shutil.copytree(short_run[0], workdir)
+  return workdir
+
+
+def test_config_history_and_one_line_user_errors(short_run, tmp_path):
+  workdir = _copy_run(short_run, tmp_path / "run")
   with open(os.path.join(workdir, "config.json")) as f:
     good = f.read()
   # A rerun that fails (a stage without a length) keeps the record of the first run.
@@ -321,10 +331,8 @@ def test_sigterm_outside_the_loop_exits_cleanly_and_resumes(tmp_path, phase):
     assert "stage2: already finished" in err
 
 
-def test_quiet_console_by_default_and_logs_with_verbosity(tmp_path):
-  workdir = str(tmp_path / "quiet")
-  rc, out, err = _finish(_launch(workdir, *SHORT))
-  assert rc == 0, err[-3000:]
+def test_quiet_console_by_default_and_logs_with_verbosity(short_run, tmp_path):
+  workdir, out, err = short_run
   console = out + err
   assert not ABSL_LINE.search(console), ABSL_LINE.findall(console)[:5]
   assert f"workdir {workdir}" in err and os.path.join(workdir, "log.txt") in err

@@ -14,20 +14,17 @@ import pytest
 
 from jaxprompt import checkpoint as ckpt_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "toy_pipeline.py")
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+import launcher
+
+ROOT = launcher.ROOT
+DEVICES = 4
 # Log every step (the kill test watches the metrics) and checkpoint every 3 steps.
 FAST = ["--config.stage1.log_every_steps=1", "--config.stage2.log_every_steps=1",
         "--config.stage1.ckpt_every_steps=3", "--config.stage2.ckpt_every_steps=3"]
 
 
-def _launch(workdir, *args, **kw):
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--config={CONFIG}",
-                           f"--workdir={workdir}", *args], cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def _launch(workdir, *args):
+  return launcher.launch(workdir, *args, devices=DEVICES)
 
 
 def _finish(p, timeout=180):
@@ -62,7 +59,7 @@ def test_unknown_override_is_an_error(tmp_path):
 
 def test_list_configs():
   p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--list_configs"],
-                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+                     cwd=ROOT, env=launcher.env(DEVICES), capture_output=True, text=True, timeout=60)
   assert p.returncode == 0, p.stderr[-2000:]
   assert re.search(r"configs/default\.py\s+\S", p.stdout)
 
@@ -87,10 +84,17 @@ def _final_trees(workdir):
   return {s: jax.tree.leaves(ckpt_lib.read_final(workdir, s)[0]) for s in ("stage1", "stage2")}
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
-  ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The final trees of an uninterrupted run, the reference of both kill -9 tests."""
+  ref_dir = str(tmp_path_factory.mktemp("ref"))
   rc, _, err = _finish(_launch(ref_dir, *FAST))
   assert rc == 0, err[-3000:]
+  return _final_trees(ref_dir)
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, reference):
+  run_dir = str(tmp_path / "run")
   # 40 steps over two stages; kill at a seeded random point of either stage.
   kill_at = int(np.random.default_rng(1234).integers(2, 38))
   p = _launch(run_dir, "--config.data.delay_s=0.004", *FAST)
@@ -101,7 +105,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
   rc, _, err = _finish(_launch(run_dir, *FAST))
   assert rc == 0, err[-3000:]
   assert "resumed from checkpoint" in err
-  ref, run = _final_trees(ref_dir), _final_trees(run_dir)
+  ref, run = reference, _final_trees(run_dir)
   for stage in ref:
     assert len(ref[stage]) == len(run[stage])
     for a, b in zip(ref[stage], run[stage]):
@@ -117,13 +121,10 @@ def _save_in_progress(workdir) -> bool:
   return False
 
 
-def test_sigkill_during_a_save_resumes_bit_identical(tmp_path):
+def test_sigkill_during_a_save_resumes_bit_identical(tmp_path, reference):
   """kill -9 while a periodic or final checkpoint is being written: the half-written one
   is never used, and the rerun ends with the same parameters as an uninterrupted run."""
-  ref_dir = str(tmp_path / "ref")
-  rc, _, err = _finish(_launch(ref_dir, *FAST))
-  assert rc == 0, err[-3000:]
-  ref = _final_trees(ref_dir)
+  ref = reference
   caught = 0
   for attempt in range(3):  # a save lasts milliseconds: try until one is caught mid-write
     run_dir = str(tmp_path / f"run{attempt}")

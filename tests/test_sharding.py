@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxprompt import optim, sharding as shd, trainer
 
+import launcher
 import toy_pipeline as toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,8 @@ def _free_port() -> int:
 
 
 def _worker(args, devices, extra_env=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                                  f"{launcher.XLA_OPT}",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.update(extra_env or {})
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"),
