@@ -17,10 +17,12 @@ import sys
 import pytest
 
 from jaxprompt import checkpoint as ckpt_lib
+import launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One CPU device, as `make run` on a plain machine; the shared compilation cache.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+# One CPU device, as `make run` on a plain machine; quick compiles and the shared compilation
+# cache, as in every test.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=launcher.XLA_OPT,
            JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
