@@ -61,30 +61,6 @@ def run_stages(config) -> tuple[str, ...]:
 # ============================================================================ stage: data
 
 
-class _CountedGlyphs:
-  """The pretraining data with a progress bar: one `sample` call per training step."""
-
-  def __init__(self, data, steps: int):
-    from tqdm import tqdm
-    self._data = data
-    self.num_classes = data.num_classes
-    self._steps = int(steps)
-    self._bar = tqdm(total=self._steps, desc="pretrain", unit="step", dynamic_ncols=True,
-                     mininterval=1.0, disable=jax.process_index() != 0)
-
-  def sample(self, rng, batch):
-    out = self._data.sample(rng, batch)
-    if self._bar.n < self._steps:  # the held-out accuracy batches come after the steps
-      self._bar.update(1)
-    return out
-
-  def describe(self) -> dict:
-    return self._data.describe()  # identical settings, so a finished run is reused
-
-  def close(self) -> None:
-    self._bar.close()
-
-
 def pretrain_settings(config) -> dict:
   """Keyword arguments of `pretrain_tiny_vit` from `config.pretrain`."""
   p = config.pretrain
@@ -147,12 +123,9 @@ def run_data(config, paths: Paths) -> dict:
        f"{info['train_counts']}, test {info['test_counts'][0]} per class)")
 
   kw = pretrain_settings(config)
-  glyphs = _CountedGlyphs(pretrain.GlyphData(image_size=kw["image_size"], seed=kw["seed"]),
-                          kw["steps"])
-  try:
-    pretrain.pretrain_tiny_vit(paths.vit, data=glyphs, **kw)
-  finally:
-    glyphs.close()
+  # One progress bar, the pretraining loop's own (it counts finished steps).
+  pretrain.pretrain_tiny_vit(
+      paths.vit, data=pretrain.GlyphData(image_size=kw["image_size"], seed=kw["seed"]), **kw)
   meta = metrics_lib.read_json(pretrain.sidecar_path(paths.vit)) or {}
   _say(f"data: tiny ViT pretrained on glyphs -> {paths.vit} (held-out glyph accuracy "
        f"{100 * meta.get('eval_accuracy', float('nan')):.1f}%, chance "
