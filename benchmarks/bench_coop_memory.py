@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import CLIP, CLIPConfig
+from jaxprompt.models.clip import CLIP, CLIPConfig
 
 VIT_B16 = CLIPConfig(embed_dim=512, vision="vit", vision_width=768, vision_layers=12,
                      vision_heads=12, patch_size=16, pretrained_grid=14, context_length=77,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxprompt.coop import zeroshot
-from jaxprompt.coop.shared import load_clip, tokenizer
+from jaxprompt import tokenizer
+from jaxprompt.convert.openai_clip import load_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import load_clip, tokenizer
+from jaxprompt import tokenizer
+from jaxprompt.convert.openai_clip import load_clip
 
 torch = pytest.importorskip("torch")
 open_clip_model = pytest.importorskip("open_clip.model")

@@ -15,7 +15,8 @@ import ml_collections
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import model as model_lib
 from jaxprompt.coop import paper
-from jaxprompt.coop.shared import trainer, validate
+from jaxprompt import trainer
+from jaxprompt import validate
 
 # Only the prompt learner trains (`prompt/ctx`, CoCoOp's `prompt/meta_net/...`); CLIP is frozen.
 TRAIN_RULES = (("prompt/.*", "train"), (".*", "freeze"))

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxprompt.coop.shared import list_images, load_image
+from jaxprompt.data.files import list_images, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

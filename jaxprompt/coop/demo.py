@@ -28,7 +28,8 @@ from PIL import Image
 
 from jaxprompt.coop import config as config_lib
 from jaxprompt.coop import train
-from jaxprompt.coop.shared import CLIP, CLIPConfig, tokenizer
+from jaxprompt import tokenizer
+from jaxprompt.models.clip import CLIP, CLIPConfig
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
           "yellow": (230, 220, 40), "purple": (150, 50, 200), "white": (240, 240, 240)}

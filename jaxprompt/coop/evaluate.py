@@ -22,7 +22,8 @@ import numpy as np
 
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import Loader, PaddedSequentialSampler, metrics_lib
+from jaxprompt import metrics as metrics_lib
+from jaxprompt.data.loader import Loader, PaddedSequentialSampler
 
 
 def harmonic(base: float, new: float) -> float:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.coop.shared import tokenizer
+from jaxprompt import tokenizer
 
 POSITIONS = ("end", "middle", "front")
 EOT_ID = 49407

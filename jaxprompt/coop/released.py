@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import read_arrays
+from jaxprompt.convert.io import read_arrays
 
 DROPPED = ("token_prefix", "token_suffix")
 

@@ -39,8 +39,14 @@ from jaxprompt.coop import model as M
 from jaxprompt.coop import released as released_lib
 from jaxprompt.coop import zeroshot
 from jaxprompt.coop.config import validate_config  # noqa: F401 (launch.py calls it)
-from jaxprompt.coop.shared import (Loader, ShuffleSampler, ckpt_lib, load_clip, metrics_lib, optim,
-                                   seeds, shd, trainer)
+from jaxprompt import checkpoint as ckpt_lib
+from jaxprompt import metrics as metrics_lib
+from jaxprompt import optim
+from jaxprompt import seeds
+from jaxprompt import sharding as shd
+from jaxprompt import trainer
+from jaxprompt.convert.openai_clip import load_clip
+from jaxprompt.data.loader import Loader, ShuffleSampler
 
 STAGES = ("train", "eval", "table")
 RULES = optim.rules_from_config(config_lib.TRAIN_RULES)  # the default of `train.rules`

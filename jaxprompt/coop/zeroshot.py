@@ -13,7 +13,8 @@ import numpy as np
 from jaxprompt.coop import data as data_lib
 from jaxprompt.coop import evaluate
 from jaxprompt.coop import model as M
-from jaxprompt.coop.shared import metrics_lib, tokenizer
+from jaxprompt import metrics as metrics_lib
+from jaxprompt import tokenizer
 
 # The 7-template subset of OpenAI's ImageNet notebook used by ZeroshotCLIP2.
 IMAGENET_ENSEMBLE = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
