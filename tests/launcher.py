@@ -15,7 +15,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIG = os.path.join(ROOT, "tests", "toy_pipeline.py")
 _NO_TORCH = os.path.join(ROOT, "tests", "no_torch")
-XLA_OPT = "--xla_backend_optimization_level=0"  # as in tests/conftest.py: quick compiles
+# Quick compiles for the tests' tiny models (tests/conftest.py says why); this module imports
+# no JAX, so conftest takes the flag from here before JAX starts.
+XLA_OPT = "--xla_backend_optimization_level=0"
 
 
 def env(devices: int, torch: bool = False) -> dict:
