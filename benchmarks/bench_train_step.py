@@ -3,6 +3,8 @@
   python benchmarks/bench_train_step.py --model vit_b16 --batch 8 [--rounds 3]
   python benchmarks/bench_train_step.py --model rn50 --batch 32
   python benchmarks/bench_train_step.py --model lpt --batch 4     # 4 CB + 4 IB images
+  python benchmarks/bench_train_step.py --model coop --batch 32    # RN50, 10 classes
+  python benchmarks/bench_train_step.py --model cocoop --batch 1   # ViT-B/16, 10 classes
   python benchmarks/bench_train_step.py --quick                    # tiny towers, seconds
 
 Prints the step times (median of interleaved rounds), the speed-up (torch time / our
@@ -23,7 +25,7 @@ from benchmarks import common  # noqa: E402
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--model", default="vit_b16", choices=["vit_b16", "rn50", "lpt"])
+  ap.add_argument("--model", default="vit_b16", choices=["vit_b16", "rn50", "lpt", "coop", "cocoop"])
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
@@ -34,7 +36,10 @@ def main(argv=None) -> dict:
   from benchmarks import steps  # pylint: disable=import-outside-toplevel
   dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
   rounds = 1 if args.quick else args.rounds
-  if args.model == "lpt":
+  if args.model in ("coop", "cocoop"):
+    step = steps.coop_step(args.batch, conditional=args.model == "cocoop", dtype=dtype,
+                           tiny=args.quick)
+  elif args.model == "lpt":
     step = steps.lpt_step(args.batch, dtype=dtype, tiny=args.quick,
                           image=32 if args.quick else 224)
   else:

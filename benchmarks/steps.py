@@ -352,6 +352,117 @@ def lpt_step(batch: int, *, dtype=jnp.float32, image: int = 224, tiny: bool = Fa
   return Step(run_j, run_t, flops, 2 * batch, loss_j, lambda: holder["loss"])
 
 
+# ============================================================== CoOp / CoCoOp
+
+# EuroSAT's ten classes (KaiyangZhou/CoOp datasets/eurosat.py NEW_CNAMES): a small class list
+# keeps the reference's full-length text passes within the benchmark's time.
+EUROSAT = ("Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
+           "Industrial Buildings", "Pasture Land", "Permanent Crop Land", "Residential Buildings",
+           "River", "Sea or Lake")
+
+
+def coop_step(batch: int, *, conditional: bool = False, dtype=jnp.float32, tiny: bool = False,
+              classnames=EUROSAT) -> Step:
+  """CoOp (RN50, 16 context tokens) or CoCoOp (ViT-B/16, "a photo of a" + Meta-Net) step pair:
+  frozen CLIP at 224, the prompt subtree trained by SGD (momentum 0.9, coupled decay 5e-4).
+
+  The JAX side is the pipeline's forward (`coop.model.logits`: sequences cut after the last
+  EOT, CoCoOp's per-image text pass vmapped) under `trainer.train_step`; the torch side is the
+  reference's (KaiyangZhou/CoOp trainers/coop.py, trainers/cocoop.py): prompts from the
+  prefix/suffix token embeddings at the full 77 tokens, CoCoOp looping over the images.
+  """
+  import open_clip  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from jaxprompt import optim, tokenizer  # pylint: disable=import-outside-toplevel
+  from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
+  from jaxprompt.coop import config as coop_config  # pylint: disable=import-outside-toplevel
+  from jaxprompt.coop import model as M  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  if tiny:
+    vision = (dict(layers=1, width=64, patch_size=16, image_size=32) if conditional else
+              dict(layers=(1, 1, 1, 1), width=16, image_size=32))
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    clip_t = open_clip.model.CLIP(64, vision, text, quick_gelu=True)
+  else:
+    clip_t = open_clip.create_model("ViT-B-16-quickgelu" if conditional else "RN50-quickgelu")
+  clip_t = clip_t.eval()  # CLIP stays in eval mode (Dassl toggles only the prompt learner)
+  for q in clip_t.parameters():
+    q.requires_grad_(False)
+  sd = {k: v.detach().numpy() for k, v in clip_t.state_dict().items()}
+  model, variables = load_clip(sd, dtype=dtype)
+  size = int(model.config.input_size[0])
+  spec = (M.PromptSpec(ctx_init="a photo of a", conditional=True) if conditional else
+          M.PromptSpec(n_ctx=16)).resolved()
+  cp = M.build_class_prompts(classnames, spec)
+  prompt = jax.device_get(M.init_prompt(
+      jax.random.key(0), spec, width=model.config.text_width, embed_dim=model.config.embed_dim,
+      token_embedding=variables["params"]["txt"]["token_embedding"]))
+  params = {**variables["params"], "prompt": prompt}
+  trainable, frozen = optim.split(params, optim.rules_from_config(coop_config.TRAIN_RULES))
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss_fn(prm, state, b, rng):
+    del rng
+    lg = M.logits(model, {"params": prm, **state}, b["image"], cp)
+    return M.cross_entropy(lg, b["label"]), (state, {})
+
+  rs = np.random.RandomState(0)
+  images = rs.randn(batch, size, size, 3).astype(np.float32)
+  labels = rs.randint(0, len(classnames), batch).astype(np.int32)
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.002, momentum=0.9))
+  run_j, loss_j, flops = _jax_train_step(loss_fn, tx, trainable, frozen, model_state,
+                                         {"image": images, "label": labels}, dtype)
+
+  # -- torch: the reference's prompt learner and text encoder on open_clip's CLIP
+  m = spec.n_ctx
+  names = [M.clean_name(n) for n in classnames]
+  ids = torch.from_numpy(tokenizer.tokenize(
+      [f"{M.placeholder_prefix(spec)} {n}." for n in names]).astype(np.int64))
+  with torch.no_grad():
+    emb = clip_t.token_embedding(ids)
+  prefix, suffix, eot = emb[:, :1], emb[:, 1 + m:], ids.argmax(-1)
+  ctx = torch.nn.Parameter(torch.from_numpy(np.array(prompt["ctx"])))
+  train_params = [ctx]
+  meta = None
+  if conditional:
+    e, h = model.config.embed_dim, model.config.embed_dim // 16
+    meta = torch.nn.Sequential(torch.nn.Linear(e, h), torch.nn.ReLU(),
+                               torch.nn.Linear(h, model.config.text_width))
+    with torch.no_grad():
+      for i, name in ((0, "linear1"), (2, "linear2")):
+        meta[i].weight.copy_(torch.from_numpy(np.array(prompt["meta_net"][name]["kernel"]).T))
+        meta[i].bias.copy_(torch.from_numpy(np.array(prompt["meta_net"][name]["bias"])))
+    train_params += list(meta.parameters())
+  opt = torch.optim.SGD(train_params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+  scale = clip_t.logit_scale.exp()
+  x_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y_t = torch.from_numpy(labels).long()
+  holder = {"loss": float("nan")}
+
+  def text(c):  # (M, D) context -> (C, E) normalised class features
+    prompts = torch.cat([prefix, c.unsqueeze(0).expand(len(names), -1, -1), suffix], dim=1)
+    t = clip_t.transformer(prompts + clip_t.positional_embedding, attn_mask=clip_t.attn_mask)
+    g = clip_t.ln_final(t)[torch.arange(len(names)), eot] @ clip_t.text_projection
+    return g / g.norm(dim=-1, keepdim=True)
+
+  def run_t():
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+      f = clip_t.encode_image(x_t)
+      f = f / f.norm(dim=-1, keepdim=True)
+    if meta is None:
+      lg = scale * f @ text(ctx).t()
+    else:
+      bias = meta(f)
+      lg = torch.stack([scale * text(ctx + bias[i]) @ f[i] for i in range(batch)])
+    loss = torch.nn.functional.cross_entropy(lg, y_t)
+    loss.backward()
+    opt.step()
+    holder["loss"] = float(loss.detach())
+
+  return Step(run_j, run_t, flops, batch, loss_j, lambda: holder["loss"])
+
+
 # ============================================================== reference matmul rate
 
 
