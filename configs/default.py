@@ -148,7 +148,7 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
       imbalance=30.0, max_per_class=150, test_per_class=20, image_size=16,
       seed=_offset(seed, 0)))
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=500 if small else 1000, seed=_offset(seed, 0), width=64, depth=4, heads=2,
+      steps=300 if small else 1000, seed=_offset(seed, 0), width=64, depth=4, heads=2,
       mlp_ratio=4, patch=4,
       image_size=16, batch_size=128, learning_rate=3e-3, weight_decay=0.05, warmup_steps=30,
       ln_eps=1e-5))  # LPT's tower uses torch's LayerNorm eps

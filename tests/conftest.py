@@ -43,7 +43,6 @@ LONG_FIRST = (  # from `pytest --durations`, longest first
     "test_fidelity_lpt.py",
     "test_clipreid_pitfalls.py",
     "test_launch.py",
-    "test_coop_demo.py",
     "test_lpt_pipeline.py",
     "test_lpt_pitfalls.py",
     "test_coop_train.py",
