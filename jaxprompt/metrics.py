@@ -67,8 +67,10 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = 
     total = len(iterable)
   tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
   t0 = time.perf_counter()
+  # On a terminal a finished bar is erased (the log keeps its line), so the console ends
+  # with the stages' summaries and the results rather than a column of full bars.
   with tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
-            mininterval=1.0 if tty else 30.0, file=sys.stderr) as bar:
+            mininterval=1.0 if tty else 30.0, file=sys.stderr, leave=not tty) as bar:
     yield from bar
     n = bar.n
   logging.info("%s: %d of %s %s(s) in %.1fs", desc or "loop", n, total, unit,
@@ -237,8 +239,10 @@ class Progress:
     self._bar = None
     if self.enabled:
       from tqdm import tqdm
+      # Erased when done on a terminal: the stage's summary line replaces it.
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                       dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+                       dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                       leave=not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()))
 
   def start(self, step: int) -> None:
     """Steps up to `step` (the first, compiling one) are complete."""

@@ -295,6 +295,8 @@ class _Stage:
     defaults = stage_defaults()
     self.get = lambda k: cfg[k] if k in cfg else defaults[k]  # noqa: E731
     self.stage, self.workdir, self.loss_fn, self.rules = stage, workdir, loss_fn, list(rules)
+    # The stage's name on the console (a driver running one stage per method may say which).
+    self.label = str(cfg.get("label") or stage) if hasattr(cfg, "get") else stage
     self.loader, self.make_tx, self.frozen_source = loader, make_tx, frozen_source
     self.mesh, self.on_epoch_end = mesh, on_epoch_end
     # Frozen leaves saved with the stage's checkpoints (see `resume_init`).
@@ -442,7 +444,7 @@ class _Stage:
     log_every = max(1, int(get("log_every_steps")))
     ckpt_every = int(get("ckpt_every_steps") or 0)
     n_steps, first_step = self.n_steps, self.step
-    self.progress = metrics_lib.Progress(n_steps, self.step, loader.batch_size, desc=stage,
+    self.progress = metrics_lib.Progress(n_steps, self.step, loader.batch_size, desc=self.label,
                                          enabled=self.is_main and bool(get("progress")))
     # One stream of batches from the current position to the stage's end, across epoch
     # boundaries: the next epoch's first batches are decoded and copied while the last
@@ -551,10 +553,10 @@ class _Stage:
   def report(self) -> None:
     """The stage's one-line summary on the console."""
     if not self.timing:
-      metrics_lib.say(f"{self.stage}: already finished at step {self.step} "
+      metrics_lib.say(f"{self.label}: already finished at step {self.step} "
                       f"({self.ck.directory})")
       return
-    parts = [f"{self.stage}: {self.timing['steps']} steps in {_duration(self.timing['seconds'])}"]
+    parts = [f"{self.label}: {self.timing['steps']} steps in {_duration(self.timing['seconds'])}"]
     ips = self.timing["images_per_s"]
     if math.isfinite(ips):
       parts.append(f"{ips:.1f} images/s (steady state, compilation excluded)")

@@ -31,8 +31,8 @@ def _run(args, timeout=1500):
 @pytest.mark.slow
 def test_make_bench_quick_writes_every_row(tmp_path):
   from benchmarks import run_all  # pylint: disable=import-outside-toplevel
-  out = tmp_path / "BENCHMARKS.md"
-  printed = _run(["benchmarks/run_all.py", "--quick", "--out", str(out)])
+  out, kept = tmp_path / "BENCHMARKS.md", tmp_path / "rows.jsonl"
+  printed = _run(["benchmarks/run_all.py", "--quick", "--out", str(out), "--keep-json", str(kept)])
   text = out.read_text()
   rows = [l for l in text.splitlines() if l.startswith("| ") and "`python benchmarks/" in l]
   assert len(rows) == len(run_all.QUICK)
@@ -41,6 +41,13 @@ def test_make_bench_quick_writes_every_row(tmp_path):
   assert "No GPU figures were taken" in text
   for row in rows:  # the file says what the run printed
     assert row in printed
+  # Both sides of a step pair compute the same loss on the same weights and batch (LPT's
+  # A-GCL draws its noise from each framework's own generator, so its losses differ).
+  steps = [json.loads(l) for l in kept.read_text().splitlines() if '"train_step"' in l]
+  compared = [r for r in steps if r["model"] != "lpt"]
+  assert {r["model"] for r in compared} == {"vit_b16", "rn50", "coop", "cocoop"}
+  for r in compared:
+    assert abs(r["loss_jax"] - r["loss_torch"]) <= 1e-3 * max(1.0, abs(r["loss_torch"])), r
 
 
 @pytest.mark.slow

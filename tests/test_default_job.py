@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,11 +42,11 @@ def job(tmp_path_factory):
                       "--workdir", workdir],
                      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-4000:]
-  return workdir, p.stdout
+  return workdir, p.stdout, p.stderr
 
 
 def test_both_pipelines_complete_with_checkpoints_and_plots(job):
-  workdir, _ = job
+  workdir, _, _ = job
   for sub, stage in (("clipreid", "stage1"), ("clipreid", "stage2"), ("lpt", "phase1"),
                      ("lpt", "phase2"), ("linear", "train")):
     d = ckpt_lib.checkpoint_dir(os.path.join(workdir, sub), stage)
@@ -62,7 +63,7 @@ def test_both_pipelines_complete_with_checkpoints_and_plots(job):
 
 
 def test_results_table_printed_and_saved(job):
-  workdir, stdout = job
+  workdir, stdout, stderr = job
   md = open(os.path.join(workdir, "results.md")).read()
   table = [l for l in md.splitlines() if l.startswith("|")]
   assert len(table) == 2 + 5 + 3, md  # header, rule, 2 ReID, 3 long-tail, 3 CoOp rows
@@ -70,6 +71,9 @@ def test_results_table_printed_and_saved(job):
   for row in table:
     assert row in stdout
   assert stdout.count("| task ") == 1  # one table, printed once
+  console = stderr.replace("\r", "\n")  # progress bars and the stages' summary lines
+  for method in ("coop", "cocoop"):  # each text-prompt stage's summary says which it was
+    assert re.search(rf"(?m)^\s*{method} train: \d+ steps in ", console), method
   assert "TensorBoard" in stdout and os.path.join(workdir, "results.md") in stdout
   res = json.load(open(os.path.join(workdir, "results.json")))
   assert res["size"] == "small"
@@ -79,7 +83,7 @@ def test_results_table_printed_and_saved(job):
 
 
 def test_training_beats_baselines(job):
-  workdir, _ = job
+  workdir, _, _ = job
   res = json.load(open(os.path.join(workdir, "results.json")))
   before, after = res["clipreid"]["before"], res["clipreid"]["after"]
   assert after["mAP"] > before["mAP"] + 5.0, (before, after)
@@ -90,7 +94,7 @@ def test_training_beats_baselines(job):
 
 
 def test_coop_rows(job):
-  workdir, _ = job
+  workdir, _, _ = job
   res = json.load(open(os.path.join(workdir, "results.json")))
   assert set(res["coop"]) == {"zeroshot", "coop", "cocoop"}
   for row in res["coop"].values():
@@ -113,7 +117,7 @@ def test_coop_clip_is_kept_and_read_back_not_retrained(job):
   """The pretrained tiny CLIP is kept for a rerun (resume) and read back, not trained again,
   with exactly the model's leaves (an extra one would change the frozen-weights fingerprint
   the resumed stages compare against)."""
-  workdir, _ = job
+  workdir, _, _ = job
   out = json.load(open(os.path.join(workdir, "coop", "results.json")))
   _, variables, loss = coop_demo._load_or_pretrain(
       os.path.join(workdir, "coop", "clip.npz"), 250, 0)
@@ -126,7 +130,7 @@ def test_coop_clip_is_kept_and_read_back_not_retrained(job):
 
 
 def test_report_stage_reruns_alone(job):
-  workdir, _ = job
+  workdir, _, _ = job
   p = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
                       "--config", os.path.join(ROOT, "configs", "default.py") + ":small",
                       "--workdir", workdir, "--stage", "report"],

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from PIL import Image
 
+from jaxprompt import metrics as metrics_lib
 from jaxprompt.coop import config as config_lib
 from jaxprompt.coop import train
 from jaxprompt import tokenizer
@@ -138,11 +139,10 @@ def pretrain(steps: int = 300, batch: int = 64, seed: int = 0, lr: float = 2e-3,
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   key = jax.random.key(seed + 1)
   losses = []
-  for i in tqdm(range(steps), desc="coop: pretrain CLIP", unit="step", mininterval=1.0,
-                disable=not progress or jax.process_index() != 0):
+  for i in metrics_lib.progress(range(steps), desc="coop: pretrain CLIP", unit="step",
+                                enabled=progress and jax.process_index() == 0):
     params, opt, loss = step(params, opt, jax.random.fold_in(key, i))
     losses.append(loss)
   # The mean of the last steps' losses (one batch's is noisy). CLIP's pretrained scale is

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +173,7 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.seed = seeds.stage_seed(seed, "train")  # the stage's own PRNG stream (prompt init)
   cfg.precision = config.precision
+  cfg.label = f"{config.method} train"  # the console line says which method trained
   mesh = None
   n_dev = jax.device_count()
   if not cfg.get("mesh") and not cfg.get("fsdp") and bs % n_dev:
