@@ -46,12 +46,10 @@ FULL = [
     ("eval", "bench_reid_eval.py --repeats 2"),
     ("eval", "bench_lpt_inference.py --repeats 3"),
 ]
+# The smoke test: every script at tiny sizes; the five step pairs share one process (its
+# imports of torch, open_clip and timm are most of a quick row's time).
 QUICK = [
-    ("train_step", "bench_train_step.py --quick --model vit_b16 --batch 8"),
-    ("train_step", "bench_train_step.py --quick --model rn50 --batch 8"),
-    ("train_step", "bench_train_step.py --quick --model lpt --batch 4"),
-    ("train_step", "bench_train_step.py --quick --model coop --batch 4"),
-    ("train_step", "bench_train_step.py --quick --model cocoop --batch 2"),
+    ("train_step", "bench_train_step.py --quick --model vit_b16,rn50,lpt,coop,cocoop --batch 8"),
     ("data", "bench_data.py --quick --recipe reid --workers 2"),
     ("data", "bench_data.py --quick --recipe lpt --workers 2 --backend process"),
     ("eval", "bench_reid_eval.py --quick"),
@@ -64,7 +62,8 @@ _TEXT_RATIO = {"bench_reid_eval.py": r"speed-up\s+([\d.]+)\s*x",
                "bench_lpt_inference.py": r"fused / naive = ([\d.]+)"}
 
 
-def run_row(cmd: str, json_path: str) -> tuple[dict, str, float]:
+def run_row(cmd: str, json_path: str) -> tuple[list[dict], str, float]:
+  """Runs one command; its results (one per JSON line it wrote), its output, its wall time."""
   script = cmd.split()[0]
   argv = [sys.executable, "-W", "ignore", os.path.join(HERE, script), *shlex.split(cmd)[1:]]
   if script in ("bench_train_step.py", "bench_data.py"):
@@ -79,15 +78,24 @@ def run_row(cmd: str, json_path: str) -> tuple[dict, str, float]:
   if script in _TEXT_RATIO:
     m = re.search(_TEXT_RATIO[script], proc.stdout)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    return {"bench": script, "text": "\n".join(lines[-8:]), "command": f"python benchmarks/{cmd}",
-            "machine": common.machine(),
-            "ratio": float(m.group(1)) if m else float("nan")}, out, wall
+    return [{"bench": script, "text": "\n".join(lines[-8:]),
+             "command": f"python benchmarks/{cmd}", "machine": common.machine(),
+             "ratio": float(m.group(1)) if m else float("nan")}], out, wall
   with open(json_path) as f:
-    result = json.loads(f.read().strip().splitlines()[-1])
-  return result, out, wall
+    results = [json.loads(l) for l in f.read().strip().splitlines()]
+  return results, out, wall
+
+
+def row_count(cmd: str) -> int:
+  """Table rows `cmd` gives: one per model of a `bench_train_step.py --model a,b,...`."""
+  args = shlex.split(cmd)
+  if args[0] == "bench_train_step.py" and "--model" in args:
+    return len(args[args.index("--model") + 1].split(","))
+  return 1
 
 
 def _row(group: str, cmd: str, r: dict, wall: float) -> str:
+  """One table row; `wall` NaN for the later rows of a command that timed several steps."""
   cmd = re.sub(r" --json \S+", "", cmd)  # run_all's own result file, not part of the row
   c = f"`python benchmarks/{cmd}`"
   spread = (f" ({r['ratio_min']:.2f}..{r['ratio_max']:.2f})" if "ratio_min" in r else "")
@@ -97,7 +105,7 @@ def _row(group: str, cmd: str, r: dict, wall: float) -> str:
             f"**{r['ratio']:.2f}x**{spread} | {r['gflop']:.0f} GFLOP; of same-run matmul rate: "
             f"jax {r['jax_frac_of_matmul']:.2f} ({r['jax_matmul_gflops']:.0f} GFLOP/s), torch "
             f"{r['torch_frac_of_matmul']:.2f} ({r['torch_matmul_gflops']:.0f} GFLOP/s) | "
-            f"{c} | {wall:.0f} s |")
+            f"{c} | {_wall(wall)} |")
   if group == "data":
     what = (f"{r['recipe']} train data, {r['workers']} worker(s), {r['backend']} "
             f"({r['stored_hw'][1]}x{r['stored_hw'][0]} JPEGs)")
@@ -107,11 +115,15 @@ def _row(group: str, cmd: str, r: dict, wall: float) -> str:
                f"{r['torch_img_per_cpu_s']:.0f} img; 16-core estimate "
                f"{r['jax_16core_estimate']:.0f} img/s" if "jax_img_per_cpu_s" in r else "")
             + " | "
-            f"{c} | {wall:.0f} s |")
+            f"{c} | {_wall(wall)} |")
   name = ("Market-size ReID evaluation vs per-query loop" if r["bench"] == "bench_reid_eval.py"
           else "LPT fused inference vs two passes (time ratio, lower is better)")
   detail = "<br>".join(r["text"].splitlines()[-4:]).replace("|", "/")
-  return f"| {name} | | | **{r['ratio']:.2f}x** | {detail} | {c} | {wall:.0f} s |"
+  return f"| {name} | | | **{r['ratio']:.2f}x** | {detail} | {c} | {_wall(wall)} |"
+
+
+def _wall(seconds: float) -> str:
+  return f"{seconds:.0f} s" if seconds == seconds else "(same run as the row above)"
 
 
 def main(argv=None) -> None:
@@ -136,13 +148,14 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for i, (group, cmd) in enumerate(rows):
       print(f"[{i + 1}/{len(rows)}] python benchmarks/{cmd}", flush=True)
-      result, _, wall = run_row(cmd, os.path.join(tmp, f"{i}.json"))
-      line = _row(group, cmd, result, wall)
-      print("   " + line, flush=True)
-      lines.append(line)
-      if args.keep_json:
-        with open(args.keep_json, "a") as f:
-          f.write(json.dumps({**result, "wall_s": wall}, sort_keys=True) + "\n")
+      results, _, wall = run_row(cmd, os.path.join(tmp, f"{i}.json"))
+      for result in results:  # a command timing several steps gives a row for each
+        line = _row(group, cmd, result, wall if result is results[0] else float("nan"))
+        print("   " + line, flush=True)
+        lines.append(line)
+        if args.keep_json:
+          with open(args.keep_json, "a") as f:
+            f.write(json.dumps({**result, "wall_s": wall}, sort_keys=True) + "\n")
   total = time.perf_counter() - t0
   n_now, n_earlier = len(lines), 0
   if args.extra_json:

@@ -1,11 +1,13 @@
-"""Where the RN50 stage-2 step loses to torch on CPU: the tower's forward against its backward,
-and single convolutions / average pools of RN50's shapes, XLA against torch (oneDNN).
+"""Where the stage-2 step loses to torch on CPU: the image tower's forward against its backward
+(RN50 or ViT-B/16, XLA against torch), and for RN50 single convolutions / average pools of its
+shapes (XLA against torch's oneDNN).
 
-  python benchmarks/profile_rn50.py [--batch 8] [--calls 3]
+  python benchmarks/profile_towers.py [--model rn50|vit_b16] [--batch 8] [--calls 3]
 
-Not part of `make bench` (the notes in BENCHMARKS.md quote one run). The tower is open_clip's
-`RN50-quickgelu` at 256x128 with last stride 1, as CLIP-ReID uses it; both sides hold the same
-random weights. Times are medians of `--calls` calls after one warm-up call.
+Not part of `make bench` (the notes in BENCHMARKS.md quote its runs). The towers are
+open_clip's `RN50-quickgelu` (last stride 1) and `ViT-B-16-quickgelu` at 256x128, as CLIP-ReID
+uses them; both sides hold the same random weights. Times are medians of `--calls` calls
+after one warm-up call.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def _median(fn: Callable[[], Any], calls: int) -> float:
   return statistics.median(times)
 
 
-def tower(batch: int, calls: int) -> None:
-  """Forward and forward+backward of the whole image tower, BatchNorm in eval and train mode."""
+def tower(name: str, batch: int, calls: int) -> None:
+  """Forward and forward+backward of the whole image tower (RN50: BatchNorm in eval and train
+  mode)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -40,20 +43,27 @@ def tower(batch: int, calls: int) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
-  clip_t = open_clip.create_model("RN50-quickgelu")
+  vit = name == "vit_b16"
+  clip_t = open_clip.create_model("ViT-B-16-quickgelu" if vit else "RN50-quickgelu")
   sd = {k: v.detach().numpy() for k, v in clip_t.state_dict().items()}
-  model, variables = load_clip(sd, image_size=(256, 128), last_stride=1)
+  model, variables = load_clip(sd, image_size=(256, 128),
+                               **(dict(patch_stride=16) if vit else dict(last_stride=1)))
   visual = clip_t.visual
-  blk = visual.layer4[0]  # last stride 1, as in steps.reid_step
-  blk.avgpool = torch.nn.Identity()
-  blk.downsample[0] = torch.nn.Identity()
-  visual.attnpool.positional_embedding = torch.nn.Parameter(torch.from_numpy(
-      np.asarray(variables["params"]["img"]["attnpool"]["positional_embedding"])))
+  img = variables["params"]["img"]
+  if vit:  # the position embedding resized for 256x128, as in steps.reid_step
+    visual.positional_embedding = torch.nn.Parameter(
+        torch.from_numpy(np.asarray(img["positional_embedding"])))
+  else:  # last stride 1, as in steps.reid_step
+    blk = visual.layer4[0]
+    blk.avgpool = torch.nn.Identity()
+    blk.downsample[0] = torch.nn.Identity()
+    visual.attnpool.positional_embedding = torch.nn.Parameter(torch.from_numpy(
+        np.asarray(img["attnpool"]["positional_embedding"])))
   x = np.random.RandomState(0).randn(batch, 256, 128, 3).astype(np.float32)
   xj, xt = jnp.asarray(x), torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  for train in (False, True):
+  for train in ((False,) if vit else (False, True)):
     visual.train(train)
 
     def proj(p, images, train=train):
@@ -76,7 +86,8 @@ def tower(batch: int, calls: int) -> None:
       (visual(xt) ** 2).sum().backward()
 
     t_b = _median(torch_grad, calls)
-    print(f"RN50 tower, batch {batch}, BatchNorm {'train' if train else 'eval'}: "
+    mode = "" if vit else f", BatchNorm {'train' if train else 'eval'}"
+    print(f"{name} tower, batch {batch}{mode}: "
           f"forward xla {j_f:.2f} s, torch {t_f:.2f} s | backward (fwd+bwd - fwd) "
           f"xla {j_b - j_f:.2f} s, torch {t_b - t_f:.2f} s", flush=True)
 
@@ -136,12 +147,14 @@ def layers(batch: int, calls: int) -> None:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--model", default="rn50", choices=["rn50", "vit_b16"])
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--calls", type=int, default=3)
   args = ap.parse_args(argv)
   print(f"{common.set_threads()} threads, {common.machine()['cpu']}")
-  tower(args.batch, args.calls)
-  layers(args.batch, args.calls)
+  tower(args.model, args.batch, args.calls)
+  if args.model == "rn50":
+    layers(args.batch, args.calls)
 
 
 if __name__ == "__main__":
