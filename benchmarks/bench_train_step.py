@@ -28,8 +28,9 @@ MODELS = ("vit_b16", "rn50", "lpt", "coop", "cocoop")
 
 
 def bench_one(model: str, batch: int, *, rounds: int, quick: bool, precision: str,
-              threads: int, command: str) -> dict:
-  """One step pair, timed in interleaved rounds; the result row as a dict."""
+              threads: int, command: str, alone: bool = False) -> dict:
+  """One step pair, timed in interleaved rounds (`alone`: all of one side's rounds, then all
+  of the other's); the result row as a dict."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from benchmarks import steps  # pylint: disable=import-outside-toplevel
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
@@ -41,13 +42,16 @@ def bench_one(model: str, batch: int, *, rounds: int, quick: bool, precision: st
     step = steps.reid_step(model, batch, dtype=dtype, tiny=quick,
                            size=(64, 32) if quick else (256, 128),
                            num_ids=16 if quick else steps.NUM_IDS)
-  times = common.interleaved({"jaxprompt": step.jax_step, "torch": step.torch_step},
-                             rounds=rounds)
+  sides = {"jaxprompt": step.jax_step, "torch": step.torch_step}
+  if alone:
+    times = {k: common.interleaved({k: fn}, rounds=rounds)[k] for k, fn in sides.items()}
+  else:
+    times = common.interleaved(sides, rounds=rounds)
   res = common.ratio_summary(times, "jaxprompt", "torch")
   mm = steps.matmul_rates(512 if quick else 2048, rounds=2 if quick else 3)
   res.update(
       bench="train_step", model=model, batch=batch, images=step.images,
-      precision=precision, threads=threads, rounds=rounds, quick=quick,
+      precision=precision, threads=threads, rounds=rounds, quick=quick, alone=alone,
       gflop=step.flops / 1e9,
       jax_matmul_gflops=mm["jax"] / 1e9, torch_matmul_gflops=mm["torch"] / 1e9,
       jax_frac_of_matmul=step.flops / res["jaxprompt_s"] / mm["jax"],
@@ -70,6 +74,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--alone", action="store_true",
+                  help="time each side's rounds on their own, not alternating with the other's")
   common.add_common_args(ap)
   args = ap.parse_args(argv)
   models = args.model.split(",")
@@ -81,7 +87,7 @@ def main(argv=None) -> list[dict]:
   out = []
   for m in models:
     res = bench_one(m, args.batch, rounds=1 if args.quick else args.rounds, quick=args.quick,
-                    precision=args.precision, threads=threads,
+                    precision=args.precision, threads=threads, alone=args.alone,
                     command=f"python benchmarks/bench_train_step.py {argv_s}".strip())
     common.emit(res, args.json)
     out.append(res)
