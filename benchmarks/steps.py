@@ -63,6 +63,17 @@ class Step:
   torch_loss: Callable[[], float]
 
 
+def _torch_clip(vit: bool, tiny_vision: dict | None, tiny_text: dict | None = None):
+  """open_clip's CLIP with QuickGELU: ViT-B/16 or RN50, or with `tiny_vision` a tiny random one
+  of that kind (a tiny text tower too, `tiny_text`), seeded."""
+  import open_clip  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  if tiny_vision is None:
+    return open_clip.create_model("ViT-B-16-quickgelu" if vit else "RN50-quickgelu")
+  return open_clip.model.CLIP(64, tiny_vision, tiny_text, quick_gelu=True)
+
+
 def _jax_train_step(loss_fn, tx, trainable, frozen, model_state, batch, dtype):
   """Jit `train_step` with the state donated; returns (run, last loss, flops)."""
   p = _pipeline()
@@ -143,18 +154,13 @@ def reid_jax(model, variables, batch: int, *, dtype=jnp.float32, num_ids: int = 
 def reid_step(backbone: str, batch: int, *, dtype=jnp.float32, num_ids: int = NUM_IDS,
               size=(256, 128), tiny: bool = False) -> Step:
   """Stage-2 CLIP-ReID step pair for 'vit_b16' or 'rn50' (`tiny`: a small tower, for tests)."""
-  import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
   vit = backbone.startswith("vit")
-  torch.manual_seed(0)
-  if tiny:
-    vision = (dict(layers=2, width=128, patch_size=16, image_size=64) if vit else
-              dict(layers=(1, 1, 1, 1), width=16, image_size=64))
-    text = dict(context_length=8, vocab_size=50, width=64, heads=1, layers=1)
-    clip_t = open_clip.model.CLIP(64, vision, text, quick_gelu=True)
-  else:
-    clip_t = open_clip.create_model("ViT-B-16-quickgelu" if vit else "RN50-quickgelu")
+  vision = (dict(layers=2, width=128, patch_size=16, image_size=64) if vit else
+            dict(layers=(1, 1, 1, 1), width=16, image_size=64))
+  clip_t = _torch_clip(vit, vision if tiny else None,
+                       dict(context_length=8, vocab_size=50, width=64, heads=1, layers=1))
   sd = {k: v.detach().numpy() for k, v in clip_t.state_dict().items()}
   model, variables = load_clip(sd, image_size=size, dtype=dtype,
                                **(dict(patch_stride=16) if vit else dict(last_stride=1)))
@@ -371,20 +377,15 @@ def coop_step(batch: int, *, conditional: bool = False, dtype=jnp.float32, tiny:
   reference's (KaiyangZhou/CoOp trainers/coop.py, trainers/cocoop.py): prompts from the
   prefix/suffix token embeddings at the full 77 tokens, CoCoOp looping over the images.
   """
-  import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from jaxprompt import optim, tokenizer  # pylint: disable=import-outside-toplevel
   from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
   from jaxprompt.coop import config as coop_config  # pylint: disable=import-outside-toplevel
   from jaxprompt.coop import model as M  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  if tiny:
-    vision = (dict(layers=1, width=64, patch_size=16, image_size=32) if conditional else
-              dict(layers=(1, 1, 1, 1), width=16, image_size=32))
-    text = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
-    clip_t = open_clip.model.CLIP(64, vision, text, quick_gelu=True)
-  else:
-    clip_t = open_clip.create_model("ViT-B-16-quickgelu" if conditional else "RN50-quickgelu")
+  vision = (dict(layers=1, width=64, patch_size=16, image_size=32) if conditional else
+            dict(layers=(1, 1, 1, 1), width=16, image_size=32))
+  clip_t = _torch_clip(conditional, vision if tiny else None,
+                       dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
   clip_t = clip_t.eval()  # CLIP stays in eval mode (Dassl toggles only the prompt learner)
   for q in clip_t.parameters():
     q.requires_grad_(False)
