@@ -43,13 +43,16 @@ def _pipeline():
   from jaxprompt.lpt import config as lpt_config  # pylint: disable=import-outside-toplevel
   from jaxprompt.lpt import context as lpt_context  # pylint: disable=import-outside-toplevel
   from jaxprompt.lpt import train as lpt_train  # pylint: disable=import-outside-toplevel
+  from jaxprompt.coop import config as coop_config  # pylint: disable=import-outside-toplevel
+  from jaxprompt.coop import train as coop_train  # pylint: disable=import-outside-toplevel
   return dict(
       train_step=trainer.train_step,
       reid_config=reid_config.base_config, reid_loss=reid_train.make_stage2_loss_fn,
       reid_rules=reid_train.stage2_rules, reid_head=reid_train.head_module,
       sie_spec=reid_context.SIESpec, feature_dims=reid_train.feature_dims,
       lpt_config=lpt_config.base_config, lpt_loss=lpt_context.make_loss_fn,
-      lpt_spec=lpt_context.prompt_spec, lpt_rules=lpt_train.PHASE2_RULES)
+      lpt_spec=lpt_context.prompt_spec, lpt_rules=lpt_train.PHASE2_RULES,
+      coop_loss=coop_train.make_loss_fn, coop_rules=coop_config.TRAIN_RULES)
 
 
 @dataclasses.dataclass
@@ -380,8 +383,8 @@ def coop_step(batch: int, *, conditional: bool = False, dtype=jnp.float32, tiny:
   import torch  # pylint: disable=import-outside-toplevel
   from jaxprompt import optim, tokenizer  # pylint: disable=import-outside-toplevel
   from jaxprompt.convert.openai_clip import load_clip  # pylint: disable=import-outside-toplevel
-  from jaxprompt.coop import config as coop_config  # pylint: disable=import-outside-toplevel
   from jaxprompt.coop import model as M  # pylint: disable=import-outside-toplevel
+  p = _pipeline()
   vision = (dict(layers=1, width=64, patch_size=16, image_size=32) if conditional else
             dict(layers=(1, 1, 1, 1), width=16, image_size=32))
   clip_t = _torch_clip(conditional, vision if tiny else None,
@@ -399,19 +402,15 @@ def coop_step(batch: int, *, conditional: bool = False, dtype=jnp.float32, tiny:
       jax.random.key(0), spec, width=model.config.text_width, embed_dim=model.config.embed_dim,
       token_embedding=variables["params"]["txt"]["token_embedding"]))
   params = {**variables["params"], "prompt": prompt}
-  trainable, frozen = optim.split(params, optim.rules_from_config(coop_config.TRAIN_RULES))
+  trainable, frozen = optim.split(params, optim.rules_from_config(p["coop_rules"]))
   model_state = {k: v for k, v in variables.items() if k != "params"}
-
-  def loss_fn(prm, state, b, rng):
-    del rng
-    lg = M.logits(model, {"params": prm, **state}, b["image"], cp)
-    return M.cross_entropy(lg, b["label"]), (state, {})
 
   rs = np.random.RandomState(0)
   images = rs.randn(batch, size, size, 3).astype(np.float32)
   labels = rs.randint(0, len(classnames), batch).astype(np.int32)
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.002, momentum=0.9))
-  run_j, loss_j, flops = _jax_train_step(loss_fn, tx, trainable, frozen, model_state,
+  run_j, loss_j, flops = _jax_train_step(p["coop_loss"](model, cp), tx, trainable,
+                                         frozen, model_state,
                                          {"image": images, "label": labels}, dtype)
 
   # -- torch: the reference's prompt learner and text encoder on open_clip's CLIP

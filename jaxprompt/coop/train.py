@@ -141,6 +141,20 @@ def train_batch_size(n: int, batch_size: int) -> int:
   return min(int(batch_size), int(n))
 
 
+def make_loss_fn(clip_model, cp: M.ClassPrompts, *, chunk: int = 0, remat: bool = False):
+  """The training loss over the class list `cp`: cross-entropy of the CoOp / CoCoOp logits
+  (CoCoOp when the prompt has a Meta-Net), with the batch accuracy as a metric."""
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    lg = M.logits(clip_model, {"params": params, **state}, batch["image"], cp, chunk=chunk,
+                  remat=remat)
+    acc = jnp.mean(jnp.argmax(lg, -1) == batch["label"])
+    return M.cross_entropy(lg, batch["label"]), (state, {"acc": acc})
+
+  return loss_fn
+
+
 def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                  splits: data_lib.Splits) -> dict:
   """Stage 1 for one seed; returns the final `prompt` subtree."""
@@ -156,13 +170,7 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
                            num_classes=len(splits.classnames), token_embedding=tok)
     return {**clip_vars["params"], "prompt": prompt}, model_state
 
-  def loss_fn(params, state, batch, rng):
-    del rng
-    lg = M.logits(clip_model, {"params": params, **state}, batch["image"], cp, chunk=chunk,
-                  remat=remat)
-    acc = jnp.mean(jnp.argmax(lg, -1) == batch["label"])
-    return M.cross_entropy(lg, batch["label"]), (state, {"acc": acc})
-
+  loss_fn = make_loss_fn(clip_model, cp, chunk=chunk, remat=remat)
   n = len(splits.train)
   if n == 0:
     raise ValueError(f"dataset {config.data.name!r}: empty training set")
@@ -173,7 +181,7 @@ def train_prompt(config, seed: int, seed_dir: str, clip_model, clip_vars,
   cfg = ml_collections.ConfigDict(config.train.to_dict())
   cfg.seed = seeds.stage_seed(seed, "train")  # the stage's own PRNG stream (prompt init)
   cfg.precision = config.precision
-  cfg.label = f"{config.method} train"  # the console line says which method trained
+  cfg.label = cfg.label or f"{config.method} train"  # the console line says which method
   mesh = None
   n_dev = jax.device_count()
   if not cfg.get("mesh") and not cfg.get("fsdp") and bs % n_dev:
