@@ -48,6 +48,11 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+def _console_is_terminal() -> bool:
+  """Whether the bars' stream (stderr) is a terminal, where a bar redraws in place."""
+  return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = "",
              unit: str = "batch", enabled: Optional[bool] = None) -> Iterator[T]:
   """`iterable` with a progress bar (count, rate, ETA) on process 0's console.
@@ -65,7 +70,7 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = 
   from tqdm import tqdm
   if total is None and hasattr(iterable, "__len__"):
     total = len(iterable)
-  tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  tty = _console_is_terminal()
   t0 = time.perf_counter()
   # On a terminal a finished bar is erased (the log keeps its line), so the console ends
   # with the stages' summaries and the results rather than a column of full bars.
@@ -242,7 +247,7 @@ class Progress:
       # Erased when done on a terminal: the stage's summary line replaces it.
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
                        dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
-                       leave=not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()))
+                       leave=not _console_is_terminal())
 
   def start(self, step: int) -> None:
     """Steps up to `step` (the first, compiling one) are complete."""

@@ -137,6 +137,7 @@ def stage_defaults() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.resume = ""               # explicit checkpoint dir to start from when this stage has none
   c.progress = True
+  c.label = ""                # the stage's name on the console (default: the stage's own)
   c.prefetch = 2              # batches put on the devices ahead of the running step (0: none)
   return c
 
@@ -295,8 +296,7 @@ class _Stage:
     defaults = stage_defaults()
     self.get = lambda k: cfg[k] if k in cfg else defaults[k]  # noqa: E731
     self.stage, self.workdir, self.loss_fn, self.rules = stage, workdir, loss_fn, list(rules)
-    # The stage's name on the console (a driver running one stage per method may say which).
-    self.label = str(cfg.get("label") or stage) if hasattr(cfg, "get") else stage
+    self.label = str(self.get("label") or stage)  # the console's name for the stage
     self.loader, self.make_tx, self.frozen_source = loader, make_tx, frozen_source
     self.mesh, self.on_epoch_end = mesh, on_epoch_end
     # Frozen leaves saved with the stage's checkpoints (see `resume_init`).
