@@ -17,8 +17,9 @@ evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
   1000 steps on procedural glyphs and frozen, LPT phase 1 + phase 2 (40 epochs each) and a
   linear probe (40 epochs) on it;
 * text prompts: a tiny CLIP pretrained contrastively for 250 steps on generated captions of
-  24 colour-shape classes, then zero-shot CLIP, CoOp and CoCoOp (4 tokens from "a photo of
-  a", 8 shots) on fresh images, 12 base and 12 new classes (`jaxprompt/coop/demo.py`).
+  24 colour-shape classes (30% of the pairs warm-lit, captioned "a warm photo of a {}."), then
+  zero-shot CLIP, CoOp and CoCoOp (4 tokens from "a photo of a", 8 shots, 20 epochs) on fresh
+  warm-lit images, 12 base and 12 new classes (`jaxprompt/coop/demo.py`).
 
 A fresh clone's run on 2 CPU cores (a quiet Intel Xeon, seed 0) took 4m04s (data + pretraining
 1m16s, CLIP-ReID 1m18s, LPT + linear 1m05s, text prompts 25s) and printed (mAP / R1 / R5 and
@@ -155,10 +156,11 @@ def get_config(size: Optional[str] = None) -> ml_collections.ConfigDict:
   c.lpt = _cls("lpt", size, seed)
   c.linear = _cls("linear", size, seed)
   # CoOp / CoCoOp on a tiny CLIP pretrained on generated captions (jaxprompt/coop/demo.py);
-  # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline. The pretraining
-  # captions come in six styles, none of them the zero-shot template 'a photo of a {}.', so
-  # the hand-written prompt is a guess that the learned context improves on (with the template
-  # as the only caption the hand prompt was already the best text and CoOp gained nothing).
+  # `seed` is the few-shot sampling and prompt-init seed of the CoOp pipeline. The
+  # classification images are warm-lit, a domain the pretraining captions name ('a warm photo
+  # of a {}.') and the hand prompt 'a photo of a {}.' does not: the learned context has
+  # something to find. (With plain images the hand prompt was as good as any text, the image
+  # tower was the limit, and CoOp gained nothing.)
   c.coop = ml_collections.ConfigDict(dict(
       pretrain_steps=250, per_class_test=6 if small else 12, seed=1,
       pretrain_seed=0))
