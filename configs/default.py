@@ -21,21 +21,21 @@ evaluators as the paper configs (see `jaxprompt/demo/job.py` for the stages):
   zero-shot CLIP, CoOp and CoCoOp (4 tokens from "a photo of a", 8 shots, 20 epochs) on fresh
   warm-lit images, 12 base and 12 new classes (`jaxprompt/coop/demo.py`).
 
-A fresh clone's run on 2 CPU cores (a quiet Intel Xeon, seed 0) took 4m04s (data + pretraining
-1m16s, CLIP-ReID 1m18s, LPT + linear 1m05s, text prompts 25s) and printed (mAP / R1 / R5 and
-accuracies in %; the README gives seeds 1 and 2 and the spread, e.g. trained ReID mAP
-49.1 +- 9.1, LPT phase 2 few 51.7 +- 8.8 against the linear probe's 18.3 +- 0.6):
+A fresh clone's run on 2 CPU cores (a quiet AMD EPYC, seed 0) took 5m17s (data + pretraining
+1m38s, CLIP-ReID 1m34s, LPT + linear 1m27s, text prompts 37s) and printed (mAP / R1 / R5 and
+accuracies in %; the README gives seeds 1 and 2 and the spread, e.g. CoOp base 73.4 +- 19.5
+and CoCoOp H 69.0 +- 21.5 against zero-shot's 58.8 +- 22.4 and 64.2 +- 19.7):
 
 | task      | model                               |  mAP |   R1 |   R5 | overall | many | medium |  few | base |  new |    H |
 |-----------|-------------------------------------|-----:|-----:|-----:|--------:|-----:|-------:|-----:|-----:|-----:|-----:|
 | ReID      | CLIP-ReID, untrained (random init)  |  2.8 |  0.0 |  1.5 |         |      |        |      |      |      |      |
-| ReID      | CLIP-ReID, stage 1 + stage 2        | 40.8 | 37.9 | 81.8 |         |      |        |      |      |      |      |
-| LT digits | linear probe (frozen ViT)           |      |      |      |    41.5 | 95.0 |   38.8 | 17.5 |      |      |      |
-| LT digits | LPT phase 1 (shared prompt)         |      |      |      |    40.5 | 82.5 |   23.8 | 36.2 |      |      |      |
-| LT digits | LPT phase 2 (shared + group)        |      |      |      |    45.5 | 85.0 |   31.2 | 40.0 |      |      |      |
-| shapes    | zero-shot CLIP ('a photo of a {}.') |      |      |      |         |      |        |      | 47.9 | 50.7 | 49.3 |
-| shapes    | CoOp (4 context tokens)             |      |      |      |         |      |        |      | 49.3 | 47.9 | 48.6 |
-| shapes    | CoCoOp (4 tokens + Meta-Net)        |      |      |      |         |      |        |      | 43.8 | 51.4 | 47.3 |
+| ReID      | CLIP-ReID, stage 1 + stage 2        | 40.4 | 40.9 | 80.3 |         |      |        |      |      |      |      |
+| LT digits | linear probe (frozen ViT)           |      |      |      |    40.5 | 95.0 |   38.8 | 15.0 |      |      |      |
+| LT digits | LPT phase 1 (shared prompt)         |      |      |      |    42.5 | 70.0 |   35.0 | 36.2 |      |      |      |
+| LT digits | LPT phase 2 (shared + group)        |      |      |      |    50.0 | 77.5 |   42.5 | 43.8 |      |      |      |
+| shapes    | zero-shot CLIP ('a photo of a {}.') |      |      |      |         |      |        |      | 29.2 | 48.6 | 36.5 |
+| shapes    | CoOp (4 context tokens)             |      |      |      |         |      |        |      | 45.8 | 26.4 | 33.5 |
+| shapes    | CoCoOp (4 tokens + Meta-Net)        |      |      |      |         |      |        |      | 34.7 | 44.4 | 39.0 |
 
 The untrained model scores about chance level (random ranking of a ~320-image gallery).
 
